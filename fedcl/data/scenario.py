@@ -1,0 +1,94 @@
+"""Class-incremental scenario: seeded class order, task split, and per-task client partitions.
+
+Labels are re-indexed by the class order, so task t owns the contiguous label range
+[t * k, (t + 1) * k) and "classes seen after task t" is simply the first (t + 1) * k labels.
+Every client keeps its own stream: ``client_indices[t][c]`` are the training rows client c
+sees during task t.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedcl.errors import ConfigError
+
+PARTITIONS = ("iid", "dirichlet", "shards")
+
+
+@dataclass
+class Scenario:
+    class_order: np.ndarray          # original class id at each new label
+    y_train: np.ndarray              # re-indexed training labels
+    y_test: np.ndarray               # re-indexed test labels
+    classes_per_task: int
+    num_tasks: int
+    client_indices: list[list[np.ndarray]]  # [task][client] -> training row indices
+    test_indices: list[np.ndarray]          # [task] -> test row indices
+
+    def seen_classes(self, task: int) -> int:
+        """Number of labels known after training ``task`` (labels 0 .. n-1)."""
+        return (task + 1) * self.classes_per_task
+
+    def task_of_label(self, labels: np.ndarray) -> np.ndarray:
+        return labels // self.classes_per_task
+
+
+def check_task_split(num_classes: int, num_tasks: int) -> None:
+    """Reject splits that leave tasks of unequal size or empty: say which counts would work."""
+    if num_tasks < 1 or num_tasks > num_classes or num_classes % num_tasks:
+        divisors = [d for d in range(1, num_classes + 1) if num_classes % d == 0]
+        raise ConfigError(
+            f"num_tasks={num_tasks} does not split the {num_classes} classes of this data set "
+            f"into equal class-incremental tasks. Choose num_tasks from {divisors}."
+        )
+
+
+def build_scenario(y_train: np.ndarray, y_test: np.ndarray, num_classes: int, num_tasks: int,
+                   num_clients: int, partition, seed: int) -> Scenario:
+    """Split classes into tasks (seeded order) and each task's training rows over clients."""
+    check_task_split(num_classes, num_tasks)
+    rng = np.random.default_rng([seed, 0])
+    class_order = rng.permutation(num_classes)
+    new_label = np.empty(num_classes, dtype=np.int64)
+    new_label[class_order] = np.arange(num_classes)
+    ytr, yte = new_label[y_train], new_label[y_test]
+    k = num_classes // num_tasks
+    client_indices, test_indices = [], []
+    for t in range(num_tasks):
+        rows = np.flatnonzero((ytr >= t * k) & (ytr < (t + 1) * k))
+        part_rng = np.random.default_rng([seed, 1, t])
+        client_indices.append(partition_rows(rows, ytr[rows], num_clients, partition, part_rng))
+        test_indices.append(np.flatnonzero((yte >= t * k) & (yte < (t + 1) * k)))
+    return Scenario(class_order, ytr, yte, k, num_tasks, client_indices, test_indices)
+
+
+def partition_rows(rows: np.ndarray, labels: np.ndarray, num_clients: int, partition,
+                   rng: np.random.Generator) -> list[np.ndarray]:
+    """Split ``rows`` over clients: iid, Dirichlet(alpha) per class, or label-sorted shards."""
+    name = partition.name
+    if name == "iid":
+        parts = np.array_split(rng.permutation(rows), num_clients)
+    elif name == "dirichlet":
+        alpha = float(partition.alpha)
+        if alpha <= 0:
+            raise ConfigError(f"partition.alpha={alpha} must be > 0 (smaller = more non-IID).")
+        buckets: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for cls in np.unique(labels):
+            cls_rows = rng.permutation(rows[labels == cls])
+            share = rng.dirichlet(np.full(num_clients, alpha))
+            cuts = (np.cumsum(share)[:-1] * len(cls_rows)).astype(int)
+            for c, piece in enumerate(np.split(cls_rows, cuts)):
+                buckets[c].append(piece)
+        parts = [np.concatenate(b) if b else np.empty(0, np.int64) for b in buckets]
+    elif name == "shards":
+        per_client = int(partition.shards_per_client)
+        if per_client < 1:
+            raise ConfigError(f"partition.shards_per_client={per_client} must be >= 1.")
+        order = rows[np.argsort(labels, kind="stable")]
+        shards = np.array_split(order, num_clients * per_client)
+        shard_ids = rng.permutation(len(shards)).reshape(num_clients, per_client)
+        parts = [np.concatenate([shards[s] for s in ids]) for ids in shard_ids]
+    else:
+        raise ConfigError(f"partition={name!r} is unknown. Choose one of {list(PARTITIONS)}.")
+    return [np.sort(p).astype(np.int64) for p in parts]

@@ -1,0 +1,76 @@
+"""Everything a run derives from its config: data, scenario, model factory, method, device.
+
+Built once per process and cached by the config's content, so a Ray worker that serves many
+clients loads the data set and builds the scenario once, not once per message.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fedcl.data.datasets import DataSplit, load_dataset, to_float
+from fedcl.data.scenario import Scenario, build_scenario
+from fedcl.methods.base import Method
+from fedcl.models.backbones import ClassIncrementalNet, build_model
+
+
+@dataclass
+class Experiment:
+    cfg: DictConfig
+    data: DataSplit
+    scenario: Scenario
+    method: Method
+
+    def new_model(self) -> ClassIncrementalNet:
+        """A model with the run's deterministic initialisation (same on server and clients)."""
+        torch.manual_seed(int(self.cfg.seed))
+        return build_model(self.cfg.model, self.data.x_train.shape[1], self.data.num_classes)
+
+    def train_images(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        return to_float(self.data.x_train[rows], self.data.mean, self.data.std).to(device)
+
+    def train_labels(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        return torch.from_numpy(self.scenario.y_train[rows]).to(device)
+
+    @functools.cached_property
+    def test_images(self) -> torch.Tensor:
+        return to_float(self.data.x_test, self.data.mean, self.data.std)
+
+
+def config_key(cfg: DictConfig) -> str:
+    """The parts of the config that decide data, scenario, model and method."""
+    keep = {k: cfg[k] for k in ("dataset", "model", "method", "partition", "num_clients",
+                                "num_tasks", "seed")}
+    return json.dumps(OmegaConf.to_container(OmegaConf.create(keep), resolve=True), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _build(key: str) -> Experiment:
+    cfg = OmegaConf.create(json.loads(key))
+    data = load_dataset(cfg.dataset, int(cfg.seed))
+    scenario = build_scenario(data.y_train, data.y_test, data.num_classes, int(cfg.num_tasks),
+                              int(cfg.num_clients), cfg.partition, int(cfg.seed))
+    method = instantiate(cfg.method, _convert_="all")
+    return Experiment(cfg, data, scenario, method)
+
+
+def get_experiment(cfg: DictConfig) -> Experiment:
+    return _build(config_key(cfg))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the GPU Ray assigned to this client if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def derive_seed(*parts: int) -> int:
+    """An independent 63-bit seed for each (seed, task, round, client, ...) tuple."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)

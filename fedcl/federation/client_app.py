@@ -1,0 +1,95 @@
+"""The Flower ``ClientApp``: one simulated client's round of continual learning.
+
+A message says which task and round it is and carries the global arrays; the client loads its own
+state from the store, lets the method train, saves the state, and replies with the method's
+payload plus ``num-examples``. ``partition-id`` from the node config is the client's identity:
+Flower's node ids change on every run, partition ids do not.
+"""
+from __future__ import annotations
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from omegaconf import DictConfig
+
+from fedcl.experiment import derive_seed, get_experiment, resolve_device
+from fedcl.federation.codec import from_record, to_record
+from fedcl.federation.run_config import config_from_context, run_dir_from_context
+from fedcl.federation.store import ClientStateStore
+from fedcl.methods.base import ClientRound
+
+
+def client_round(cfg: DictConfig, client: int, task: int, rnd: int) -> ClientRound:
+    """Everything a method needs to know about this client's round, with seeded randomness."""
+    exp = get_experiment(cfg)
+    device = resolve_device(str(cfg.device))
+    seed = int(cfg.seed)
+    return ClientRound(
+        client=client, seed=seed, task=task, round=rnd,
+        seen_classes=exp.scenario.seen_classes(task),
+        task_rows=lambda t: exp.scenario.client_indices[t][client],
+        images=lambda rows: exp.train_images(rows, device),
+        labels=lambda rows: exp.train_labels(rows, device),
+        local_epochs=int(cfg.local_epochs), batch_size=int(cfg.batch_size), lr=float(cfg.lr),
+        momentum=float(cfg.momentum), weight_decay=float(cfg.weight_decay),
+        generator=torch.Generator().manual_seed(derive_seed(seed, task, rnd, client)),
+        device=device,
+    )
+
+
+def train(cfg: DictConfig, run_dir: str, msg: Message, context: Context) -> Message:
+    exp = get_experiment(cfg)
+    client = int(context.node_config["partition-id"])
+    conf = msg.content["config"]
+    task, rnd = int(conf["task"]), int(conf["round"])
+    ctx = client_round(cfg, client, task, rnd)
+    torch.manual_seed(derive_seed(ctx.seed, task, rnd, client, 1))
+
+    model = exp.new_model().to(ctx.device)
+    exp.method.load_payload(model, from_record(msg.content["arrays"]))
+    store = ClientStateStore(f"{run_dir}/client_state")
+    state = store.load(client)
+    num_examples = exp.method.client_update(model, ctx, state)
+    state["task"] = task
+    store.save(client, state)
+
+    content = RecordDict({
+        "arrays": to_record(exp.method.payload(model)),
+        "metrics": MetricRecord({"num-examples": num_examples, "client": client}),
+    })
+    return Message(content, reply_to=msg)
+
+
+def identify(msg: Message, context: Context) -> Message:
+    """Handshake: tell the server which partition (client id) this node simulates."""
+    record = ConfigRecord({"partition-id": int(context.node_config["partition-id"])})
+    return Message(RecordDict({"identity": record}), reply_to=msg)
+
+
+def make_client_app(cfg: DictConfig, run_dir: str) -> ClientApp:
+    """A ClientApp bound to a config (``run_simulation`` leaves ``run_config`` empty)."""
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(cfg, run_dir, msg, context)
+
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return identify(msg, context)
+
+    return app
+
+
+# `flwr run .`: the config comes from the run config (see fedcl.federation.run_config).
+app = ClientApp()
+
+
+@app.train()
+def _train_from_run_config(msg: Message, context: Context) -> Message:
+    return train(config_from_context(context), run_dir_from_context(context), msg, context)
+
+
+@app.query()
+def _query_from_run_config(msg: Message, context: Context) -> Message:
+    return identify(msg, context)

@@ -1,0 +1,33 @@
+"""The experiment config for apps started by ``flwr run``, where only ``run_config`` reaches them.
+
+``run_simulation`` (what ``fedcl`` uses) passes the config to the apps through a closure. Under
+``flwr run`` the apps compose the same Hydra config from the packaged ``conf/`` with the overrides
+given as one string: ``flwr run . --run-config 'overrides="num_clients=4 method=finetune"'``.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+from pathlib import Path
+
+from flwr.app import Context
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def config_from_context(context: Context) -> DictConfig:
+    return compose_config(shlex.split(str(context.run_config.get("overrides", ""))))
+
+
+def run_dir_from_context(context: Context) -> str:
+    """``run-dir`` from the run config, else a folder named after Flower's run id."""
+    default = os.path.join(tempfile.gettempdir(), "fedcl-runs", str(context.run_id))
+    return str(context.run_config.get("run-dir", "") or default)

@@ -1,0 +1,33 @@
+"""Run a config as a Flower simulation on Ray (a local Ray, or a running cluster)."""
+from __future__ import annotations
+
+import logging
+import os
+
+from omegaconf import DictConfig
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def backend_config(cfg: DictConfig) -> dict:
+    """Ray resources per client; ``ray.address=auto`` attaches to an existing cluster."""
+    init_args: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if cfg.ray.address:
+        init_args["address"] = str(cfg.ray.address)
+    elif cfg.ray.num_cpus:
+        init_args["num_cpus"] = int(cfg.ray.num_cpus)
+    return {"client_resources": {"num_cpus": float(cfg.ray.client_cpus),
+                                 "num_gpus": float(cfg.ray.client_gpus)},
+            "init_args": init_args}
+
+
+def simulate(cfg: DictConfig, run_dir: str) -> None:
+    from flwr.simulation import run_simulation
+
+    from fedcl.federation.client_app import make_client_app
+    from fedcl.federation.server_app import make_server_app
+
+    run_simulation(server_app=make_server_app(cfg, run_dir), client_app=make_client_app(cfg, run_dir),
+                   num_supernodes=int(cfg.num_clients), backend_config=backend_config(cfg))

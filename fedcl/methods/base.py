@@ -1,0 +1,119 @@
+"""What a continual-learning method is: client-side hooks plus server-side aggregation.
+
+A method sees one client's round through a ``ClientRound`` (which task and round it is, that
+client's data, hyperparameters, a seeded RNG) and a ``state`` dict that persists for that client
+across rounds and tasks. It says which arrays cross the wire (``payload``) and how the server
+combines them (``aggregate``). The federation layer only moves named arrays; it knows nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ClientRound:
+    """One client's view of one federated round."""
+
+    client: int
+    seed: int
+    task: int
+    round: int                       # round within the task
+    seen_classes: int                # labels 0 .. seen_classes-1 are known
+    task_rows: Callable[[int], np.ndarray]   # task -> this client's training rows
+    images: Callable[[np.ndarray], torch.Tensor]  # rows -> normalised float batch on device
+    labels: Callable[[np.ndarray], torch.Tensor]  # rows -> re-indexed labels on device
+    local_epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    generator: torch.Generator       # derived from (seed, task, round, client)
+    device: torch.device
+
+
+class Method:
+    """FedAvg over the whole model, sequential fine-tuning: subclasses change the hooks."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    # ---- client side -------------------------------------------------------------------
+    def training_rows(self, ctx: ClientRound, state: dict) -> np.ndarray:
+        return ctx.task_rows(ctx.task)
+
+    def extra_loss(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor,
+                   ctx: ClientRound, state: dict) -> torch.Tensor | None:
+        return None
+
+    def begin_round(self, model: nn.Module, ctx: ClientRound, state: dict) -> None:
+        """Called with the freshly received global model, before training."""
+
+    def client_update(self, model: nn.Module, ctx: ClientRound, state: dict) -> int:
+        """Train ``model`` in place; return the number of examples it trained on."""
+        self.begin_round(model, ctx, state)
+        rows = self.training_rows(ctx, state)
+        if len(rows):
+            fit(model, rows, ctx, lambda x, logits: self.extra_loss(model, x, logits, ctx, state))
+        return int(len(rows))
+
+    # ---- wire --------------------------------------------------------------------------
+    def payload(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Arrays a client sends up and the server sends down (here: the whole model)."""
+        return model.state_dict()
+
+    def load_payload(self, model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
+                              strict=False)
+
+    # ---- server side -------------------------------------------------------------------
+    def aggregate(self, replies: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+        return weighted_mean(replies)
+
+
+def weighted_mean(replies: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+    """FedAvg: per-array mean weighted by example counts, in reply order (callers sort it)."""
+    total = sum(n for _, n in replies)
+    if total <= 0:
+        raise ValueError("weighted_mean needs at least one reply with examples")
+    out = {}
+    for key, first in replies[0][0].items():
+        acc = np.zeros(first.shape, dtype=np.float64)
+        for arrays, n in replies:
+            acc += arrays[key].astype(np.float64) * (n / total)
+        out[key] = (np.rint(acc) if np.issubdtype(first.dtype, np.integer) else acc).astype(first.dtype)
+    return out
+
+
+def fit(model: nn.Module, rows: np.ndarray, ctx: ClientRound,
+        extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]) -> None:
+    """Plain local SGD on the seen-class logits, shuffled by the round's generator."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=ctx.lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay)
+    model.train()
+    for _ in range(ctx.local_epochs):
+        order = torch.randperm(len(rows), generator=ctx.generator).numpy()
+        for start in range(0, len(rows), ctx.batch_size):
+            batch = rows[order[start:start + ctx.batch_size]]
+            x, y = ctx.images(batch), ctx.labels(batch)
+            logits = model(x)[:, :ctx.seen_classes]
+            loss = F.cross_entropy(logits, y)
+            extra = extra_loss(x, logits)
+            if extra is not None:
+                loss = loss + extra
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, seen_classes: int, batch_size: int = 512) -> torch.Tensor:
+    """Class-incremental prediction: argmax over every class seen so far (no task id)."""
+    model.eval()
+    preds = [model(x[i:i + batch_size])[:, :seen_classes].argmax(1) for i in range(0, len(x), batch_size)]
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)

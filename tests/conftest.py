@@ -1,0 +1,17 @@
+import os
+
+import pytest
+from omegaconf import DictConfig
+
+from fedcl.federation.run_config import compose_config
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+@pytest.fixture
+def make_cfg():
+    """The packaged Hydra config with overrides, as `fedcl` would compose it."""
+    def _make(*overrides: str) -> DictConfig:
+        return compose_config(list(overrides))
+    return _make
