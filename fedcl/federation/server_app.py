@@ -6,6 +6,7 @@ floating-point sum does not depend on which Ray worker finished first.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -79,6 +80,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: str) -> dict:
     started = time.monotonic()
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "client_state", ignore_errors=True)  # a new run starts from fresh clients
     exp = get_experiment(cfg)
     method = exp.method
     model = exp.new_model()

@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def backend_config(cfg: DictConfig) -> dict:
@@ -29,5 +29,8 @@ def simulate(cfg: DictConfig, run_dir: str) -> None:
     from fedcl.federation.client_app import make_client_app
     from fedcl.federation.server_app import make_server_app
 
+    # Flower logs through its own console handler; without this Hydra's root handler repeats it
+    # at DEBUG level.
+    logging.getLogger("flwr").propagate = False
     run_simulation(server_app=make_server_app(cfg, run_dir), client_app=make_client_app(cfg, run_dir),
                    num_supernodes=int(cfg.num_clients), backend_config=backend_config(cfg))
