@@ -1,0 +1,48 @@
+"""Server-side aggregation of client LoRA factors (``strategy.lora_aggregation``).
+
+Clients k send (A_k, B_k) with weights w_k (sample counts). The target is the weighted sum of
+their updates, sum_k w_k B_k A_k. How close each scheme gets:
+
+- ``fedit``: mean A and mean B separately (FedIT). Inexact in general: mean(B) @ mean(A) has
+  cross terms B_i A_j; exact only when all A_k (or all B_k) are equal.
+- ``ffa``: A is frozen and shared (FFA-LoRA), only B is averaged. Exact, because with one A
+  the sum factorises: sum_k w_k B_k A = (sum_k w_k B_k) A.
+- ``stacked``: form sum_k w_k B_k A_k exactly and re-factorise it to rank r by truncated SVD
+  (B = U_r S_r^1/2, A = S_r^1/2 V_r^T). Exact when that sum has rank <= r, otherwise the best
+  rank-r approximation (Eckart-Young).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+AGGREGATIONS = ("fedit", "ffa", "stacked")
+
+Factors = tuple[np.ndarray, np.ndarray]  # (A: r x in, B: out x r), 2-D
+
+
+def aggregate_lora(clients: list[Factors], weights: list[float], scheme: str) -> Factors:
+    if scheme not in AGGREGATIONS:
+        raise ValueError(f"strategy.lora_aggregation={scheme!r} is unknown. Choose one of {list(AGGREGATIONS)}.")
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    A = np.stack([a for a, _ in clients]).astype(np.float64)
+    B = np.stack([b for _, b in clients]).astype(np.float64)
+    dtype = clients[0][0].dtype
+    if scheme == "fedit":
+        return np.tensordot(w, A, 1).astype(dtype), np.tensordot(w, B, 1).astype(dtype)
+    if scheme == "ffa":
+        if not all(np.array_equal(A[0], a) for a in A[1:]):
+            raise ValueError("ffa aggregation needs the same frozen A on every client")
+        return clients[0][0].copy(), np.tensordot(w, B, 1).astype(dtype)
+    r = A.shape[1]
+    delta = np.einsum("k,kor,kri->oi", w, B, A)
+    u, s, vt = np.linalg.svd(delta, full_matrices=False)
+    root = np.sqrt(s[:r])
+    return (root[:, None] * vt[:r]).astype(dtype), (u[:, :r] * root[None]).astype(dtype)
+
+
+def exact_update(clients: list[Factors], weights: list[float]) -> np.ndarray:
+    """The reference every scheme is judged against: sum_k w_k B_k A_k (weights normalised)."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    return sum(wk * (b.astype(np.float64) @ a.astype(np.float64)) for wk, (a, b) in zip(w, clients))
