@@ -30,7 +30,9 @@ class Experiment:
     def new_model(self) -> ClassIncrementalNet:
         """A model with the run's deterministic initialisation (same on server and clients)."""
         torch.manual_seed(int(self.cfg.seed))
-        return build_model(self.cfg.model, self.data.x_train.shape[1], self.data.num_classes)
+        model = build_model(self.cfg.model, self.data.x_train.shape[1], self.data.num_classes,
+                            self.data.x_train.shape[-1])
+        return self.method.prepare_model(model)
 
     def train_images(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
         return to_float(self.data.x_train[rows], self.data.mean, self.data.std).to(device)

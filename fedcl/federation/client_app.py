@@ -19,13 +19,13 @@ from fedcl.federation.store import ClientStateStore
 from fedcl.methods.base import ClientRound
 
 
-def client_round(cfg: DictConfig, client: int, task: int, rnd: int) -> ClientRound:
+def client_round(cfg: DictConfig, client: int, task: int, rnd: int, phase: str = "train") -> ClientRound:
     """Everything a method needs to know about this client's round, with seeded randomness."""
     exp = get_experiment(cfg)
     device = resolve_device(str(cfg.device))
     seed = int(cfg.seed)
     return ClientRound(
-        client=client, seed=seed, task=task, round=rnd,
+        client=client, seed=seed, task=task, round=rnd, phase=phase,
         seen_classes=exp.scenario.seen_classes(task),
         task_rows=lambda t: exp.scenario.client_indices[t][client],
         images=lambda rows: exp.train_images(rows, device),
@@ -42,7 +42,7 @@ def train(cfg: DictConfig, run_dir: str, msg: Message, context: Context) -> Mess
     client = int(context.node_config["partition-id"])
     conf = msg.content["config"]
     task, rnd = int(conf["task"]), int(conf["round"])
-    ctx = client_round(cfg, client, task, rnd)
+    ctx = client_round(cfg, client, task, rnd, str(conf["phase"]))
     torch.manual_seed(derive_seed(ctx.seed, task, rnd, client, 1))
 
     model = exp.new_model().to(ctx.device)
@@ -54,7 +54,7 @@ def train(cfg: DictConfig, run_dir: str, msg: Message, context: Context) -> Mess
     store.save(client, state)
 
     content = RecordDict({
-        "arrays": to_record(exp.method.payload(model)),
+        "arrays": to_record(exp.method.payload(model, ctx)),
         "metrics": MetricRecord({"num-examples": num_examples, "client": client}),
     })
     return Message(content, reply_to=msg)

@@ -20,7 +20,6 @@ from fedcl import metrics, report
 from fedcl.experiment import Experiment, get_experiment
 from fedcl.federation.codec import content_bytes, from_record, to_record
 from fedcl.federation.run_config import config_from_context, run_dir_from_context
-from fedcl.methods.base import predict
 
 REGISTRATION_TIMEOUT_S = 300.0
 
@@ -65,7 +64,7 @@ def evaluate_tasks(exp: Experiment, model: torch.nn.Module, task: int) -> tuple[
     """
     seen = exp.scenario.seen_classes(task)
     rows = np.concatenate(exp.scenario.test_indices[: task + 1])
-    preds = predict(model, exp.test_images[rows], seen).numpy()
+    preds = exp.method.predict(model, exp.test_images[rows], seen).numpy()
     correct = preds == exp.scenario.y_test[rows]
     per_task, start = [], 0
     for t in range(task + 1):
@@ -84,7 +83,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: str) -> dict:
     exp = get_experiment(cfg)
     method = exp.method
     model = exp.new_model()
-    global_arrays = {k: v.detach().cpu().numpy() for k, v in method.payload(model).items()}
+    global_arrays = method.init_global(model)
     full_model_bytes = content_bytes(RecordDict({"m": to_record(model.state_dict())}))
     nodes = register_clients(grid, int(cfg.num_clients))
 
@@ -93,11 +92,13 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: str) -> dict:
     uplink = downlink = 0
     T, R = int(cfg.num_tasks), int(cfg.rounds_per_task)
     for task in range(T):
-        for rnd in range(R):
+        phases = method.phases(task, R)
+        for rnd, phase in enumerate(phases):
             t0 = time.monotonic()
             sampled = sample_clients(cfg, task, rnd)
-            config = ConfigRecord({"task": task, "round": rnd})
-            msgs = [Message(RecordDict({"arrays": to_record(global_arrays), "config": config}),
+            config = ConfigRecord({"task": task, "round": rnd, "phase": phase})
+            down_arrays = to_record(method.downlink(global_arrays, task, phase))
+            msgs = [Message(RecordDict({"arrays": down_arrays, "config": config}),
                             message_type="train", dst_node_id=nodes[c]) for c in sampled]
             down = sum(content_bytes(m.content) for m in msgs)
             replies = list(grid.send_and_receive(msgs))
@@ -116,12 +117,13 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: str) -> dict:
                 print(f"  warning: {len(failures)} client(s) failed: {failures[0][:300]}", flush=True)
             valid.sort(key=lambda v: v[0])
             if valid:
-                global_arrays = method.aggregate([(arrays, n) for _, arrays, n in valid])
+                global_arrays = method.aggregate(global_arrays, [(arrays, n) for _, arrays, n in valid],
+                                                 task, phase)
             method.load_payload(model, global_arrays)
             per_task, acc_seen = evaluate_tasks(exp, model, task)
             uplink += up
             downlink += down
-            rows.append({"global_round": task * R + rnd + 1, "task": task, "round": rnd,
+            rows.append({"global_round": len(rows) + 1, "task": task, "round": rnd, "phase": phase,
                          "clients_sampled": len(sampled), "clients_ok": len(valid),
                          "clients_failed": len(failures), "accuracy_seen": acc_seen,
                          **{f"acc_task_{j}": a for j, a in enumerate(per_task)},
@@ -129,7 +131,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: str) -> dict:
                          "round_time_s": time.monotonic() - t0})
             report.write_metrics_csv(out / "metrics.csv", rows)
             if cfg.progress:
-                print(f"[task {task + 1}/{T} round {rnd + 1}/{R}] clients {len(valid)}/{len(sampled)}"
+                print(f"[task {task + 1}/{T} round {rnd + 1}/{len(phases)} {phase}] clients {len(valid)}/{len(sampled)}"
                       f" | acc seen {100 * acc_seen:5.1f}% | up {up / 1e6:.2f} MB down {down / 1e6:.2f} MB"
                       f" | {time.monotonic() - t0:.1f}s", flush=True)
         matrix.append(per_task + [None] * (T - task - 1))
@@ -141,7 +143,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: str) -> dict:
         "final_accuracy_seen": rows[-1]["accuracy_seen"],
         "communication": {
             "uplink_bytes": uplink, "downlink_bytes": downlink, "full_model_bytes": full_model_bytes,
-            "per_round": [{k: r[k] for k in ("global_round", "task", "round", "clients_ok",
+            "per_round": [{k: r[k] for k in ("global_round", "task", "round", "phase", "clients_ok",
                                               "uplink_bytes", "downlink_bytes")} for r in rows],
         },
         "num_clients": int(cfg.num_clients),

@@ -24,6 +24,7 @@ class ClientRound:
     seed: int
     task: int
     round: int                       # round within the task
+    phase: str                       # "train", or a method's own phase (e.g. "basis")
     seen_classes: int                # labels 0 .. seen_classes-1 are known
     task_rows: Callable[[int], np.ndarray]   # task -> this client's training rows
     images: Callable[[np.ndarray], torch.Tensor]  # rows -> normalised float batch on device
@@ -62,9 +63,13 @@ class Method:
             fit(model, rows, ctx, lambda x, logits: self.extra_loss(model, x, logits, ctx, state))
         return int(len(rows))
 
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Turn the backbone into this method's model (e.g. add adapters); same on both sides."""
+        return model
+
     # ---- wire --------------------------------------------------------------------------
-    def payload(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Arrays a client sends up and the server sends down (here: the whole model)."""
+    def payload(self, model: nn.Module, ctx: ClientRound | None = None) -> dict[str, torch.Tensor]:
+        """Arrays a client sends up (here: the whole model)."""
         return model.state_dict()
 
     def load_payload(self, model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
@@ -72,8 +77,25 @@ class Method:
                               strict=False)
 
     # ---- server side -------------------------------------------------------------------
-    def aggregate(self, replies: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
-        return weighted_mean(replies)
+    def init_global(self, model: nn.Module) -> dict[str, np.ndarray]:
+        """The server's global state at the start: arrays it sends down."""
+        return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+    def phases(self, task: int, rounds: int) -> list[str]:
+        """The communication rounds of a task, in order."""
+        return ["train"] * rounds
+
+    def downlink(self, global_arrays: dict[str, np.ndarray], task: int, phase: str) -> dict[str, np.ndarray]:
+        """What the server sends to each sampled client this round."""
+        return global_arrays
+
+    def aggregate(self, global_arrays: dict[str, np.ndarray], replies: list[tuple[dict[str, np.ndarray], int]],
+                  task: int, phase: str) -> dict[str, np.ndarray]:
+        """The new global state from the replies (sorted by client id): FedAvg here."""
+        return {**global_arrays, **weighted_mean(replies)}
+
+    def predict(self, model: nn.Module, x: torch.Tensor, seen_classes: int) -> torch.Tensor:
+        return predict(model, x, seen_classes)
 
 
 def weighted_mean(replies: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:

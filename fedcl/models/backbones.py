@@ -12,7 +12,7 @@ from torch import nn
 
 from fedcl.errors import ConfigError
 
-MODELS = ("small_cnn", "resnet18")
+MODELS = ("small_cnn", "resnet18", "vit")
 
 
 class ClassIncrementalNet(nn.Module):
@@ -51,10 +51,54 @@ def resnet18_cifar(in_channels: int, width: int = 64) -> tuple[nn.Module, int]:
     return net, 512
 
 
-def build_model(model_cfg, in_channels: int, num_classes: int) -> ClassIncrementalNet:
+def vit(in_channels: int, image_size: int, model_cfg) -> tuple[nn.Module, int]:
+    """A timm VisionTransformer sized by the config; small enough to train on CPU by default."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    patch = int(model_cfg.get("patch_size", 2))
+    if image_size % patch:
+        raise ConfigError(f"model.patch_size={patch} does not divide the {image_size}x{image_size} images.")
+    dim = int(model_cfg.get("embed_dim", 128))
+    net = VisionTransformer(img_size=image_size, patch_size=patch, in_chans=in_channels, num_classes=0,
+                            embed_dim=dim, depth=int(model_cfg.get("depth", 4)),
+                            num_heads=int(model_cfg.get("num_heads", 4)),
+                            mlp_ratio=float(model_cfg.get("mlp_ratio", 2.0)))
+    return net, dim
+
+
+def load_checkpoint(features: nn.Module, path: str) -> None:
+    """Pretrained backbone weights from a local file: safetensors or a torch state dict
+    (timm/torchvision layouts; a classifier head in the file is ignored)."""
+    from pathlib import Path
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"model.checkpoint={path} is not a file; give a local .safetensors/.pt/.pth state dict.")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(file))
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state))
+    own = features.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ConfigError(f"model.checkpoint={path} has no tensor matching model={type(features).__name__}'s "
+                          f"names and shapes (e.g. {list(own)[:3]}).")
+    features.load_state_dict(usable, strict=False)
+
+
+def build_model(model_cfg, in_channels: int, num_classes: int, image_size: int = 32) -> ClassIncrementalNet:
     name = model_cfg.name
-    builders = {"small_cnn": small_cnn, "resnet18": resnet18_cifar}
-    if name not in builders:
+    if name == "small_cnn":
+        features, dim = small_cnn(in_channels, int(model_cfg.get("width", 32)))
+    elif name == "resnet18":
+        features, dim = resnet18_cifar(in_channels, int(model_cfg.get("width", 64)))
+    elif name == "vit":
+        features, dim = vit(in_channels, image_size, model_cfg)
+    else:
         raise ConfigError(f"model={name!r} is unknown. Choose one of {list(MODELS)}.")
-    features, dim = builders[name](in_channels, int(model_cfg.get("width", 32)))
+    checkpoint = model_cfg.get("checkpoint", None)
+    if checkpoint:
+        load_checkpoint(features, str(checkpoint))
     return ClassIncrementalNet(features, dim, num_classes)
