@@ -24,6 +24,8 @@ def validate(cfg: DictConfig) -> None:
                           f"{cfg.num_clients} clients sampled each round.")
     if float(cfg.lr) <= 0:
         raise ConfigError(f"lr={cfg.lr} must be > 0.")
+    if str(cfg.optimizer) not in ("sgd", "adam"):
+        raise ConfigError(f"optimizer={cfg.optimizer!r} is unknown. Choose 'sgd' or 'adam'.")
     if str(cfg.device) not in DEVICES:
         raise ConfigError(f"device={cfg.device!r} is unknown. Choose one of {list(DEVICES)}.")
     if cfg.partition.name not in PARTITIONS:

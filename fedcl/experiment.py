@@ -59,6 +59,7 @@ def _build(key: str) -> Experiment:
     scenario = build_scenario(data.y_train, data.y_test, data.num_classes, int(cfg.num_tasks),
                               int(cfg.num_clients), cfg.partition, int(cfg.seed))
     method = instantiate(cfg.method, _convert_="all")
+    method.bind(int(cfg.num_tasks), scenario.classes_per_task, cfg)
     return Experiment(cfg, data, scenario, method)
 
 

@@ -30,6 +30,16 @@ def test_replay_simulation_end_to_end(tmp_path, make_cfg):
     assert len(list((tmp_path / "client_state").glob("client_*.pt"))) == 3
 
 
+def test_duallora_runs_in_the_federation(tmp_path, make_cfg):
+    cfg = make_cfg(*TINY, "method=duallora", "rounds_per_task=1", "model.depth=2", "model.embed_dim=32")
+    results = run_experiment(cfg, str(tmp_path))
+    assert [r["phase"] for r in results["communication"]["per_round"]] == \
+        ["train", "basis_end", "basis_start", "train", "basis_end"]
+    comm = results["communication"]
+    assert comm["uplink_bytes_per_client_round"] < comm["full_model_bytes"] / 5
+    assert results["accuracy_matrix"][0][0] > 0.6  # the base session learned task 0
+
+
 def test_same_seed_same_accuracy_matrix(tmp_path, make_cfg):
     cfg = make_cfg(*TINY, "method=lwf", "fraction_train=0.67", "seed=3")
     a = run_experiment(cfg, str(tmp_path / "a"))["accuracy_matrix"]

@@ -97,8 +97,8 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: str) -> dict:
             t0 = time.monotonic()
             sampled = sample_clients(cfg, task, rnd)
             config = ConfigRecord({"task": task, "round": rnd, "phase": phase})
-            down_arrays = to_record(method.downlink(global_arrays, task, phase))
-            msgs = [Message(RecordDict({"arrays": down_arrays, "config": config}),
+            msgs = [Message(RecordDict({"arrays": to_record(method.downlink(global_arrays, task, phase, c)),
+                                        "config": config}),
                             message_type="train", dst_node_id=nodes[c]) for c in sampled]
             down = sum(content_bytes(m.content) for m in msgs)
             replies = list(grid.send_and_receive(msgs))
@@ -136,6 +136,8 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: str) -> dict:
                       f" | {time.monotonic() - t0:.1f}s", flush=True)
         matrix.append(per_task + [None] * (T - task - 1))
 
+    after_base = [r["uplink_bytes"] / r["clients_ok"] for r in rows
+                  if r["task"] >= method.base_session_tasks and r["clients_ok"]]
     results = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "accuracy_matrix": matrix,
@@ -143,6 +145,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: str) -> dict:
         "final_accuracy_seen": rows[-1]["accuracy_seen"],
         "communication": {
             "uplink_bytes": uplink, "downlink_bytes": downlink, "full_model_bytes": full_model_bytes,
+            "uplink_bytes_per_client_round": float(np.mean(after_base)) if after_base else 0.0,
             "per_round": [{k: r[k] for k in ("global_round", "task", "round", "phase", "clients_ok",
                                               "uplink_bytes", "downlink_bytes")} for r in rows],
         },

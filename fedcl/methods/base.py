@@ -31,6 +31,7 @@ class ClientRound:
     labels: Callable[[np.ndarray], torch.Tensor]  # rows -> re-indexed labels on device
     local_epochs: int
     batch_size: int
+    optimizer: str                   # "sgd" (with momentum) or "adam"
     lr: float
     momentum: float
     weight_decay: float
@@ -40,6 +41,8 @@ class ClientRound:
 
 class Method:
     """FedAvg over the whole model, sequential fine-tuning: subclasses change the hooks."""
+
+    base_session_tasks = 0  # leading tasks that train the whole backbone (not counted as adapter rounds)
 
     def __init__(self, name: str):
         self.name = name
@@ -63,6 +66,9 @@ class Method:
             fit(model, rows, ctx, lambda x, logits: self.extra_loss(model, x, logits, ctx, state))
         return int(len(rows))
 
+    def bind(self, num_tasks: int, classes_per_task: int, cfg) -> None:
+        """Learn the run's shape (tasks, classes, model config) before any model is built."""
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Turn the backbone into this method's model (e.g. add adapters); same on both sides."""
         return model
@@ -85,8 +91,9 @@ class Method:
         """The communication rounds of a task, in order."""
         return ["train"] * rounds
 
-    def downlink(self, global_arrays: dict[str, np.ndarray], task: int, phase: str) -> dict[str, np.ndarray]:
-        """What the server sends to each sampled client this round."""
+    def downlink(self, global_arrays: dict[str, np.ndarray], task: int, phase: str,
+                 client: int) -> dict[str, np.ndarray]:
+        """What the server sends to this sampled client this round."""
         return global_arrays
 
     def aggregate(self, global_arrays: dict[str, np.ndarray], replies: list[tuple[dict[str, np.ndarray], int]],
@@ -113,18 +120,23 @@ def weighted_mean(replies: list[tuple[dict[str, np.ndarray], int]]) -> dict[str,
 
 
 def fit(model: nn.Module, rows: np.ndarray, ctx: ClientRound,
-        extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]) -> None:
-    """Plain local SGD on the seen-class logits, shuffled by the round's generator."""
+        extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None],
+        first_class: int = 0) -> None:
+    """Plain local SGD on the logits of classes first_class .. seen-1 (all seen by default),
+    shuffled by the round's generator."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=ctx.lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay)
+    if ctx.optimizer == "adam":  # ViTs from scratch do not train with plain SGD here
+        opt = torch.optim.Adam(params, lr=ctx.lr, weight_decay=ctx.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=ctx.lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay)
     model.train()
     for _ in range(ctx.local_epochs):
         order = torch.randperm(len(rows), generator=ctx.generator).numpy()
         for start in range(0, len(rows), ctx.batch_size):
             batch = rows[order[start:start + ctx.batch_size]]
             x, y = ctx.images(batch), ctx.labels(batch)
-            logits = model(x)[:, :ctx.seen_classes]
-            loss = F.cross_entropy(logits, y)
+            logits = model(x)[:, first_class:ctx.seen_classes]
+            loss = F.cross_entropy(logits, y - first_class)
             extra = extra_loss(x, logits)
             if extra is not None:
                 loss = loss + extra

@@ -1,0 +1,88 @@
+"""DualLoRA's mechanics: orthogonal protection, residual subspaces, and what crosses the wire."""
+import numpy as np
+import torch
+from torch import nn
+
+from fedcl.experiment import get_experiment
+from fedcl.federation.client_app import client_round
+from fedcl.models.dual_lora import DualLoRALinear
+
+
+def orthonormal(d, k, seed=0):
+    return torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(seed)))[0]
+
+
+def test_orthogonal_adapter_does_not_touch_old_subspace():
+    torch.manual_seed(0)
+    layer = DualLoRALinear(nn.Linear(16, 8), num_tasks=3, r=2, alpha=4)
+    U = orthonormal(16, 5)
+    layer.old_basis[:, :5] = U
+    layer.task, layer.first_adapter_task = 1, 1
+    with torch.no_grad():
+        layer.orth_B[1].normal_()
+    old_inputs = torch.randn(10, 5) @ U.T                 # inputs from earlier tasks' subspace
+    new_inputs = torch.randn(10, 16)
+    delta = lambda x: layer(x) - layer.base(x)  # noqa: E731
+    assert delta(old_inputs).abs().max() < 1e-5           # ~0 whatever B is
+    assert delta(new_inputs).abs().max() > 1e-2           # but it does act elsewhere
+    # and the gradient of A stays in the complement: a training step keeps the property
+    loss = layer(new_inputs).pow(2).sum()
+    loss.backward()
+    g = layer.orth_A[1].grad
+    assert (g @ U).norm() / g.norm() < 1e-5
+
+
+def test_residual_adapter_acts_only_through_its_task_basis():
+    torch.manual_seed(1)
+    layer = DualLoRALinear(nn.Linear(16, 8), num_tasks=2, r=2, alpha=4)
+    U = orthonormal(16, 4, seed=2)
+    layer.task_bases[0, :, :4] = U
+    layer.use_orthogonal = False
+    with torch.no_grad():
+        layer.res_B[0].normal_()
+    layer.residual_weights = "current"
+    outside = torch.randn(6, 16)
+    outside = outside - (outside @ U) @ U.T               # orthogonal to task 0's basis
+    assert (layer(outside) - layer.base(outside)).abs().max() < 1e-5
+    inside = torch.randn(6, 4) @ U.T
+    assert (layer(inside) - layer.base(inside)).abs().max() > 1e-2
+    w = torch.tensor([[0.0, 0.0], [1.0, 0.0]])             # per-sample weights from the dynamic memory
+    layer.residual_weights = w
+    out = layer(inside[:2]) - layer.base(inside[:2])
+    assert out[0].abs().max() < 1e-6 and out[1].abs().max() > 1e-2
+
+
+def test_only_adapters_bases_and_head_rows_travel_after_the_base_session(make_cfg):
+    cfg = make_cfg("method=duallora", "num_clients=2", "num_tasks=2", "rounds_per_task=1",
+                   "model.depth=2", "model.embed_dim=32")
+    exp = get_experiment(cfg)
+    m = exp.method
+    model = exp.new_model()
+    g = m.init_global(model)
+    backbone = {k for k in g if m.is_backbone(k)}
+    state = {0: {}, 1: {}}
+    for task in range(2):
+        for rnd, phase in enumerate(m.phases(task, 1)):
+            replies = []
+            for c in range(2):
+                down = m.downlink(g, task, phase, c)
+                if task >= 1:
+                    # the frozen backbone reaches a client once, then never again
+                    assert (backbone <= set(down)) == (phase == "basis_start")
+                cm = exp.new_model()
+                m.load_payload(cm, down)
+                ctx = client_round(cfg, c, task, rnd, phase)
+                n = m.client_update(cm, ctx, state[c])
+                up = {k: v.detach().numpy().copy() for k, v in m.payload(cm, ctx).items()}
+                if task >= 1:
+                    assert not set(up) & backbone, f"backbone array sent in {phase}"
+                    for k in up:
+                        assert k.startswith(("U.", "s.", "head_rows.")) or k.endswith((".orth_A.1", ".orth_B.1", ".res_C.1", ".res_B.1")), k
+                replies.append((up, n))
+            g = m.aggregate(g, [r for r in replies if r[1] > 0], task, phase)
+        if task == 0:
+            protected = {name: g[f"{name}.old_basis"].copy() for name in m.layers(model)}
+    # the stored orthogonal factors of task 1 are outside the subspace protected for task 0
+    for name, old in protected.items():
+        a = g[f"{name}.orth_A.1"]
+        assert np.abs(old).sum() > 0 and np.abs(a @ old).max() < 1e-4 * np.abs(a).max()
