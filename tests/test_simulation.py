@@ -31,13 +31,13 @@ def test_replay_simulation_end_to_end(tmp_path, make_cfg):
 
 
 def test_duallora_runs_in_the_federation(tmp_path, make_cfg):
-    cfg = make_cfg(*TINY, "method=duallora", "rounds_per_task=1", "model.depth=2", "model.embed_dim=32")
+    cfg = make_cfg(*TINY, "method=duallora", "local_epochs=3", "model.depth=2", "model.embed_dim=32")
     results = run_experiment(cfg, str(tmp_path))
     assert [r["phase"] for r in results["communication"]["per_round"]] == \
-        ["train", "basis_end", "basis_start", "train", "basis_end"]
+        ["train", "train", "basis_end", "basis_start", "train", "train", "basis_end"]
     comm = results["communication"]
     assert comm["uplink_bytes_per_client_round"] < comm["full_model_bytes"] / 5
-    assert results["accuracy_matrix"][0][0] > 0.6  # the base session learned task 0
+    assert results["accuracy_matrix"][0][0] > 0.5  # the base session learned task 0 (chance: 0.2)
 
 
 def test_same_seed_same_accuracy_matrix(tmp_path, make_cfg):
