@@ -86,3 +86,31 @@ def test_only_adapters_bases_and_head_rows_travel_after_the_base_session(make_cf
     for name, old in protected.items():
         a = g[f"{name}.orth_A.1"]
         assert np.abs(old).sum() > 0 and np.abs(a @ old).max() < 1e-4 * np.abs(a).max()
+
+
+def test_orthogonal_adapters_export_loads_in_peft(tmp_path, make_cfg):
+    peft = __import__("pytest").importorskip("peft")
+    from safetensors.torch import load_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    cfg = make_cfg("method=duallora", "num_tasks=5", "model.depth=2", "model.embed_dim=32")
+    exp = get_experiment(cfg)
+    model = exp.new_model()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in exp.method.layers(model).values():
+            for i in (1, 2, 4):
+                layer.orth_B[i].normal_()
+    exp.method.export(model, tmp_path / "adapters")
+    vit = VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=0, embed_dim=32, depth=2,
+                            num_heads=4, mlp_ratio=2.0)
+    vit.load_state_dict(load_file(str(tmp_path / "adapters" / "backbone.safetensors")))
+    peft_model = peft.PeftModel.from_pretrained(vit, str(tmp_path / "adapters"))
+    x = exp.test_images[:7]
+    exp.method.set_mode(model, 4, None)   # all tasks' orthogonal adapters on, no residual branch
+    with torch.no_grad():
+        ours, theirs = model.features(x), peft_model(x)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    with peft_model.disable_adapter(), torch.no_grad():
+        bare = peft_model(x)
+    assert not torch.allclose(theirs, bare, atol=1e-3)  # the adapters do act

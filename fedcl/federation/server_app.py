@@ -152,6 +152,8 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: str) -> dict:
         "num_clients": int(cfg.num_clients),
         "wall_time_s": time.monotonic() - started,
     }
+    if hasattr(method, "export"):  # LoRA methods: the final global adapters in PEFT's format
+        method.export(model, out / "adapters")
     report.write_json(out / "results.json", results)
     report.plot_accuracy_matrix(out / "accuracy_matrix.png", matrix, title=method.name)
     report.plot_accuracy_curve(out / "accuracy_curve.png", rows)

@@ -239,6 +239,23 @@ class DualLoRA(Method):
         g["head.bias"][s:s + self.k] = rows["head_rows.bias"]
         return g
 
+    # ---- export ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def export(self, model: nn.Module, folder) -> None:
+        """The orthogonal adapters (the plain-LoRA part: always on, shared by all tasks) in PEFT's
+        format, on the frozen backbone. Residual branches and the dynamic memory have no PEFT form."""
+        from fedcl.models.peft_export import export_peft
+
+        last = self.num_tasks - 1
+        factors = {}
+        for name, layer in self.layers(model).items():
+            module = name.removeprefix("features.")
+            factors[module] = [(layer.orth_A[i].detach().clone(), layer.orth_B[i].detach().clone())
+                               for i in range(self.first, last + 1)]
+        backbone = {k.removeprefix("features.").replace(".base.", "."): v
+                    for k, v in model.state_dict().items() if self.is_backbone(k) and k.startswith("features.")}
+        export_peft(folder, factors, self.rank, self.alpha, backbone)
+
     # ---- inference: dynamic memory ------------------------------------------------------
     @torch.no_grad()
     def task_confidence(self, model: nn.Module, x: torch.Tensor, seen_tasks: int) -> torch.Tensor:
