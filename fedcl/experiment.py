@@ -27,12 +27,13 @@ class Experiment:
     scenario: Scenario
     method: Method
 
-    def new_model(self) -> ClassIncrementalNet:
-        """A model with the run's deterministic initialisation (same on server and clients)."""
+    def new_model(self, prepared: bool = True) -> ClassIncrementalNet:
+        """A model with the run's deterministic initialisation (same on server and clients);
+        ``prepared=False`` gives the plain backbone + head, before the method adds its parts."""
         torch.manual_seed(int(self.cfg.seed))
         model = build_model(self.cfg.model, self.data.x_train.shape[1], self.data.num_classes,
                             self.data.x_train.shape[-1])
-        return self.method.prepare_model(model)
+        return self.method.prepare_model(model) if prepared else model
 
     def train_images(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
         return to_float(self.data.x_train[rows], self.data.mean, self.data.std).to(device)

@@ -84,7 +84,8 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: str) -> dict:
     method = exp.method
     model = exp.new_model()
     global_arrays = method.init_global(model)
-    full_model_bytes = content_bytes(RecordDict({"m": to_record(model.state_dict())}))
+    # one copy of the plain model (backbone + head) as FedAvg would send it
+    full_model_bytes = content_bytes(RecordDict({"m": to_record(exp.new_model(prepared=False).state_dict())}))
     nodes = register_clients(grid, int(cfg.num_clients))
 
     matrix: list[list[float | None]] = []

@@ -131,6 +131,18 @@ class DualLoRA(Method):
             h.remove()
         return len(rows)
 
+    def load_payload(self, model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+        """Bases arrive without their zero padding: pad them back to the buffers' shape."""
+        own = model.state_dict()
+        padded = {}
+        for k, v in arrays.items():
+            if is_basis(k) and v.shape != tuple(own[k].shape):
+                full = np.zeros(tuple(own[k].shape), dtype=v.dtype)
+                full[..., :v.shape[-1]] = v
+                v = full
+            padded[k] = v
+        super().load_payload(model, padded)
+
     def restore_backbone(self, model: nn.Module, state: dict) -> None:
         """Keep the frozen backbone the first time it arrives; reuse it on later rounds."""
         own = model.state_dict()
@@ -187,7 +199,7 @@ class DualLoRA(Method):
     def downlink(self, global_arrays, task, phase, client):
         if task < self.first:
             return global_arrays
-        out = {k: v for k, v in global_arrays.items() if not self.is_backbone(k)}
+        out = {k: trim_basis(v) if is_basis(k) else v for k, v in global_arrays.items() if not self.is_backbone(k)}
         if client not in self._has_backbone:  # the frozen backbone goes to each client once
             out.update({k: v for k, v in global_arrays.items() if self.is_backbone(k)})
             self._has_backbone.add(client)
@@ -281,6 +293,16 @@ class DualLoRA(Method):
             preds.append(scores.view(len(xb), -1).argmax(1))
         self.set_mode(model, seen_tasks - 1, None)
         return torch.cat(preds)
+
+
+def is_basis(key: str) -> bool:
+    return key == "task_keys" or key.endswith((".old_basis", ".task_bases"))
+
+
+def trim_basis(bases: np.ndarray) -> np.ndarray:
+    """Drop the all-zero padding columns (last axis) that no basis uses yet."""
+    used = np.flatnonzero(np.abs(bases).reshape(-1, bases.shape[-1]).sum(0) > 0)
+    return bases[..., : (used[-1] + 1 if len(used) else 0)]
 
 
 def pad_into(target: np.ndarray, basis: np.ndarray) -> None:
