@@ -47,7 +47,8 @@ def validate(cfg: DictConfig) -> None:
 
 def validate_against_data(cfg: DictConfig, num_classes: int) -> None:
     """Checks that depend on the data set: the task split."""
+    base = cfg.scenario.get("base_classes", None)
     if int(cfg.num_tasks) > num_classes:
         raise ConfigError(f"num_tasks={cfg.num_tasks} is more than the {num_classes} classes of "
                           f"dataset={cfg.dataset.name}; each task needs at least one class.")
-    check_task_split(num_classes, int(cfg.num_tasks))
+    check_task_split(num_classes, int(cfg.num_tasks), base)

@@ -48,8 +48,8 @@ class Experiment:
 
 def config_key(cfg: DictConfig) -> str:
     """The parts of the config that decide data, scenario, model and method."""
-    keep = {k: cfg[k] for k in ("dataset", "model", "method", "partition", "num_clients",
-                                "num_tasks", "seed")}
+    keep = {k: cfg[k] for k in ("dataset", "model", "method", "partition", "scenario",
+                                "num_clients", "num_tasks", "seed")}
     return json.dumps(OmegaConf.to_container(OmegaConf.create(keep), resolve=True), sort_keys=True)
 
 
@@ -58,9 +58,10 @@ def _build(key: str) -> Experiment:
     cfg = OmegaConf.create(json.loads(key))
     data = load_dataset(cfg.dataset, int(cfg.seed))
     scenario = build_scenario(data.y_train, data.y_test, data.num_classes, int(cfg.num_tasks),
-                              int(cfg.num_clients), cfg.partition, int(cfg.seed))
+                              int(cfg.num_clients), cfg.partition, int(cfg.seed),
+                              cfg.scenario.get("base_classes", None))
     method = instantiate(cfg.method, _convert_="all")
-    method.bind(int(cfg.num_tasks), scenario.classes_per_task, cfg)
+    method.bind(int(cfg.num_tasks), scenario.task_starts, cfg)
     return Experiment(cfg, data, scenario, method)
 
 

@@ -59,10 +59,20 @@ def test_scenario_tasks_are_disjoint_contiguous_labels_and_seeded():
         assert all(np.array_equal(x, y) for x, y in zip(a.client_indices[t], b.client_indices[t]))
     # re-indexing follows the class order: new label 0 is original class class_order[0]
     assert np.all(ytr[a.y_train == 0] == a.class_order[0])
-    assert a.seen_classes(2) == 6
+    assert a.seen_classes(2) == 6 and a.task_starts == [0, 2, 4, 6, 8, 10]
 
 
 @pytest.mark.parametrize("tasks", [0, 3, 11])
 def test_bad_task_split_names_the_allowed_counts(tasks):
     with pytest.raises(ConfigError, match=r"num_tasks=.*\[1, 2, 5, 10\]"):
         check_task_split(10, tasks)
+
+
+def test_base_session_can_hold_more_classes():
+    ytr, yte = labels(10, 30, 0), labels(10, 10, 1)
+    s = build_scenario(ytr, yte, 10, 3, 2, SimpleNamespace(name="iid"), seed=0, base_classes=6)
+    assert s.task_starts == [0, 6, 8, 10]
+    assert set(np.unique(s.y_test[s.test_indices[0]])) == set(range(6))
+    assert s.task_of_label(np.array([0, 5, 6, 9])).tolist() == [0, 0, 1, 2]
+    with pytest.raises(ConfigError, match=r"base_classes=6 with num_tasks=4.*\[2, 3, 5\]"):
+        build_scenario(ytr, yte, 10, 4, 2, SimpleNamespace(name="iid"), seed=0, base_classes=6)

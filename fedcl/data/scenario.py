@@ -1,7 +1,9 @@
 """Class-incremental scenario: seeded class order, task split, and per-task client partitions.
 
 Labels are re-indexed by the class order, so task t owns the contiguous label range
-[t * k, (t + 1) * k) and "classes seen after task t" is simply the first (t + 1) * k labels.
+[task_starts[t], task_starts[t + 1]) and "classes seen after task t" is the first
+task_starts[t + 1] labels. Tasks have k classes each, except that a base session (task 0) may
+hold ``base_classes`` (the "B50 Inc10" protocols).
 Every client keeps its own stream: ``client_indices[t][c]`` are the training rows client c
 sees during task t.
 """
@@ -21,21 +23,40 @@ class Scenario:
     class_order: np.ndarray          # original class id at each new label
     y_train: np.ndarray              # re-indexed training labels
     y_test: np.ndarray               # re-indexed test labels
-    classes_per_task: int
+    task_starts: list[int]           # first label of each task, then the number of classes
     num_tasks: int
     client_indices: list[list[np.ndarray]]  # [task][client] -> training row indices
     test_indices: list[np.ndarray]          # [task] -> test row indices
 
     def seen_classes(self, task: int) -> int:
         """Number of labels known after training ``task`` (labels 0 .. n-1)."""
-        return (task + 1) * self.classes_per_task
+        return self.task_starts[task + 1]
 
     def task_of_label(self, labels: np.ndarray) -> np.ndarray:
-        return labels // self.classes_per_task
+        return np.searchsorted(self.task_starts, labels, side="right") - 1
 
 
-def check_task_split(num_classes: int, num_tasks: int) -> None:
+def task_starts(num_classes: int, num_tasks: int, base_classes: int | None = None) -> list[int]:
+    """First label of each task (and num_classes at the end), after checking the split."""
+    check_task_split(num_classes, num_tasks, base_classes)
+    if not base_classes:
+        k = num_classes // num_tasks
+        return [t * k for t in range(num_tasks + 1)]
+    k = (num_classes - base_classes) // (num_tasks - 1) if num_tasks > 1 else 0
+    return [0] + [base_classes + t * k for t in range(num_tasks)]
+
+
+def check_task_split(num_classes: int, num_tasks: int, base_classes: int | None = None) -> None:
     """Reject splits that leave tasks of unequal size or empty: say which counts would work."""
+    if base_classes:
+        rest = num_classes - base_classes
+        if not 0 < base_classes < num_classes or num_tasks < 2 or rest % (num_tasks - 1):
+            options = [d + 1 for d in range(1, rest + 1) if rest > 0 and rest % d == 0]
+            raise ConfigError(
+                f"scenario.base_classes={base_classes} with num_tasks={num_tasks} does not split the "
+                f"{num_classes} classes into a base task plus equal incremental tasks. base_classes "
+                f"must be in [1, {num_classes - 1}]; with it, choose num_tasks from {options}.")
+        return
     if num_tasks < 1 or num_tasks > num_classes or num_classes % num_tasks:
         divisors = [d for d in range(1, num_classes + 1) if num_classes % d == 0]
         raise ConfigError(
@@ -45,22 +66,22 @@ def check_task_split(num_classes: int, num_tasks: int) -> None:
 
 
 def build_scenario(y_train: np.ndarray, y_test: np.ndarray, num_classes: int, num_tasks: int,
-                   num_clients: int, partition, seed: int) -> Scenario:
+                   num_clients: int, partition, seed: int, base_classes: int | None = None) -> Scenario:
     """Split classes into tasks (seeded order) and each task's training rows over clients."""
-    check_task_split(num_classes, num_tasks)
+    starts = task_starts(num_classes, num_tasks, base_classes)
     rng = np.random.default_rng([seed, 0])
     class_order = rng.permutation(num_classes)
     new_label = np.empty(num_classes, dtype=np.int64)
     new_label[class_order] = np.arange(num_classes)
     ytr, yte = new_label[y_train], new_label[y_test]
-    k = num_classes // num_tasks
     client_indices, test_indices = [], []
     for t in range(num_tasks):
-        rows = np.flatnonzero((ytr >= t * k) & (ytr < (t + 1) * k))
+        lo, hi = starts[t], starts[t + 1]
+        rows = np.flatnonzero((ytr >= lo) & (ytr < hi))
         part_rng = np.random.default_rng([seed, 1, t])
         client_indices.append(partition_rows(rows, ytr[rows], num_clients, partition, part_rng))
-        test_indices.append(np.flatnonzero((yte >= t * k) & (yte < (t + 1) * k)))
-    return Scenario(class_order, ytr, yte, k, num_tasks, client_indices, test_indices)
+        test_indices.append(np.flatnonzero((yte >= lo) & (yte < hi)))
+    return Scenario(class_order, ytr, yte, starts, num_tasks, client_indices, test_indices)
 
 
 def partition_rows(rows: np.ndarray, labels: np.ndarray, num_clients: int, partition,

@@ -26,7 +26,7 @@ def client_round(cfg: DictConfig, client: int, task: int, rnd: int, phase: str =
     seed = int(cfg.seed)
     return ClientRound(
         client=client, seed=seed, task=task, round=rnd, phase=phase,
-        seen_classes=exp.scenario.seen_classes(task),
+        first_class=exp.scenario.task_starts[task], seen_classes=exp.scenario.seen_classes(task),
         task_rows=lambda t: exp.scenario.client_indices[t][client],
         images=lambda rows: exp.train_images(rows, device),
         labels=lambda rows: exp.train_labels(rows, device),

@@ -25,6 +25,7 @@ class ClientRound:
     task: int
     round: int                       # round within the task
     phase: str                       # "train", or a method's own phase (e.g. "basis")
+    first_class: int                 # the current task's labels are first_class .. seen_classes-1
     seen_classes: int                # labels 0 .. seen_classes-1 are known
     task_rows: Callable[[int], np.ndarray]   # task -> this client's training rows
     images: Callable[[np.ndarray], torch.Tensor]  # rows -> normalised float batch on device
@@ -66,7 +67,7 @@ class Method:
             fit(model, rows, ctx, lambda x, logits: self.extra_loss(model, x, logits, ctx, state))
         return int(len(rows))
 
-    def bind(self, num_tasks: int, classes_per_task: int, cfg) -> None:
+    def bind(self, num_tasks: int, task_starts: list[int], cfg) -> None:
         """Learn the run's shape (tasks, classes, model config) before any model is built."""
 
     def prepare_model(self, model: nn.Module) -> nn.Module:

@@ -57,11 +57,11 @@ class DualLoRA(Method):
         self._has_backbone: set[int] = set()
 
     # ---- shape of the run ----------------------------------------------------------------
-    def bind(self, num_tasks: int, classes_per_task: int, cfg) -> None:
+    def bind(self, num_tasks: int, task_starts: list[int], cfg) -> None:
         if cfg.model.name != "vit":
             from fedcl.errors import ConfigError
             raise ConfigError(f"method=duallora adapts a ViT's attention; set model=vit (not model={cfg.model.name}).")
-        self.num_tasks, self.k = num_tasks, classes_per_task
+        self.num_tasks, self.starts = num_tasks, list(task_starts)
         self.first = 0 if cfg.model.get("checkpoint", None) else 1  # task 0 is the base session
         self.base_session_tasks = self.first
 
@@ -107,7 +107,7 @@ class DualLoRA(Method):
             return 0
         if ctx.phase.startswith("basis"):
             return len(rows)
-        first_class = ctx.task * self.k
+        first_class, end = self.starts[ctx.task], self.starts[ctx.task + 1]
         if ctx.task < self.first:  # base session: the whole backbone and head, FedAvg
             for name, p in model.named_parameters():
                 p.requires_grad_(not any(f".{part}." in name for part in ADAPTER_PARTS))
@@ -120,7 +120,7 @@ class DualLoRA(Method):
         for name, p in model.named_parameters():
             p.requires_grad_(name in trainable or name.startswith("head."))
         rows_mask = torch.zeros_like(model.head.weight[:, :1])
-        rows_mask[first_class:first_class + self.k] = 1
+        rows_mask[first_class:end] = 1
         hooks = [model.head.weight.register_hook(lambda g: g * rows_mask),
                  model.head.bias.register_hook(lambda g: g * rows_mask[:, 0])]
         self.set_mode(model, ctx.task, None)
@@ -156,10 +156,10 @@ class DualLoRA(Method):
             return {k: v for k, v in model.state_dict().items() if self.is_backbone(k) or k.startswith("head.")}
         if ctx.phase.startswith("basis"):
             return self.client_bases(model, ctx)
-        s = ctx.task * self.k
+        s, e = self.starts[ctx.task], self.starts[ctx.task + 1]
         out = {k: v for k, v in model.state_dict().items() if k in self.adapter_keys(model.state_dict(), ctx.task)}
-        out["head_rows.weight"] = model.head.weight.detach()[s:s + self.k]
-        out["head_rows.bias"] = model.head.bias.detach()[s:s + self.k]
+        out["head_rows.weight"] = model.head.weight.detach()[s:e]
+        out["head_rows.bias"] = model.head.bias.detach()[s:e]
         return out
 
     @torch.no_grad()
@@ -244,11 +244,11 @@ class DualLoRA(Method):
                 key = f"{name}.{part}.{task}"
                 g[key] = weighted_mean([({key: r[key]}, n) for r, n in replies])[key]
         rows = weighted_mean([({k: r[k] for k in ("head_rows.weight", "head_rows.bias")}, n) for r, n in replies])
-        s = task * self.k
+        s, e = self.starts[task], self.starts[task + 1]
         g["head.weight"] = g["head.weight"].copy()
         g["head.bias"] = g["head.bias"].copy()
-        g["head.weight"][s:s + self.k] = rows["head_rows.weight"]
-        g["head.bias"][s:s + self.k] = rows["head_rows.bias"]
+        g["head.weight"][s:e] = rows["head_rows.weight"]
+        g["head.bias"][s:e] = rows["head_rows.bias"]
         return g
 
     # ---- export ---------------------------------------------------------------------------
@@ -280,7 +280,7 @@ class DualLoRA(Method):
     @torch.no_grad()
     def predict(self, model: nn.Module, x: torch.Tensor, seen_classes: int, batch_size: int = 512) -> torch.Tensor:
         model.eval()
-        seen_tasks = seen_classes // self.k
+        seen_tasks = self.starts.index(seen_classes)
         preds = []
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size]
@@ -288,9 +288,11 @@ class DualLoRA(Method):
             weights = torch.zeros(len(xb), self.num_tasks)
             weights[:, :seen_tasks] = conf
             self.set_mode(model, seen_tasks - 1, weights)
-            logits = model(xb)[:, :seen_classes].view(len(xb), seen_tasks, self.k)
-            scores = F.log_softmax(logits, dim=-1) + torch.log(conf.clamp_min(1e-12)).unsqueeze(-1)
-            preds.append(scores.view(len(xb), -1).argmax(1))
+            logits = model(xb)
+            log_conf = torch.log(conf.clamp_min(1e-12))
+            scores = torch.cat([F.log_softmax(logits[:, self.starts[t]:self.starts[t + 1]], dim=-1)
+                                + log_conf[:, t:t + 1] for t in range(seen_tasks)], dim=1)
+            preds.append(scores.argmax(1))
         self.set_mode(model, seen_tasks - 1, None)
         return torch.cat(preds)
 

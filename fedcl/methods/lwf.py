@@ -38,7 +38,7 @@ class LwF(Method):
     def extra_loss(self, model, x, logits, ctx: ClientRound, state: dict):
         if self._teacher is None:
             return None
-        old = ctx.task * (ctx.seen_classes // (ctx.task + 1))
+        old = ctx.first_class
         with torch.no_grad():
             target = self._teacher(x)[:, :old]
         t = self.temperature
