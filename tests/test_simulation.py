@@ -30,14 +30,70 @@ def test_replay_simulation_end_to_end(tmp_path, make_cfg):
     assert len(list((tmp_path / "client_state").glob("client_*.pt"))) == 3
 
 
-def test_duallora_runs_in_the_federation(tmp_path, make_cfg):
+class RecordingGrid:
+    """A Grid that records the array names of every Flower message sent and received."""
+
+    def __init__(self, grid):
+        self.grid, self.log = grid, []
+
+    def get_node_ids(self):
+        return self.grid.get_node_ids()
+
+    def send_and_receive(self, messages, **kw):
+        messages = list(messages)
+        replies = list(self.grid.send_and_receive(messages, **kw))
+        for direction, batch in (("down", messages), ("up", replies)):
+            for m in batch:
+                if m.has_content() and "arrays" in m.content:
+                    down = direction == "down"
+                    node = m.metadata.dst_node_id if down else m.metadata.src_node_id
+                    task = int(m.content["config"]["task"]) if down else None
+                    self.log.append((direction, node, task, set(m.content["arrays"].keys())))
+        return replies
+
+
+def test_duallora_sends_only_lora_bases_and_head_rows_after_the_base_session(tmp_path, make_cfg):
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedcl.experiment import get_experiment
+    from fedcl.federation.client_app import make_client_app
+    from fedcl.federation.server_app import run_server
+    from fedcl.federation.simulation import backend_config
+
     cfg = make_cfg(*TINY, "method=duallora", "local_epochs=3", "model.depth=2", "model.embed_dim=32")
-    results = run_experiment(cfg, str(tmp_path))
+    exp = get_experiment(cfg)
+    backbone = {k for k in exp.new_model().state_dict() if exp.method.is_backbone(k)}
+    app, grids = ServerApp(), []
+
+    @app.main()
+    def _main(grid, context):
+        grids.append(RecordingGrid(grid))
+        run_server(grids[0], cfg, str(tmp_path))
+
+    run_simulation(app, make_client_app(cfg, str(tmp_path)), num_supernodes=3, backend_config=backend_config(cfg))
+    log = grids[0].log
+    results = json.loads((tmp_path / "results.json").read_text())
     assert [r["phase"] for r in results["communication"]["per_round"]] == \
         ["train", "train", "basis_end", "basis_start", "train", "train", "basis_end"]
+    assert results["accuracy_matrix"][0][0] > 0.5  # the base session learned task 0 (chance: 0.2)
+    task_of_reply = {}
+    got_backbone = set()
+    for direction, node, task, keys in log:
+        if direction == "down":
+            task_of_reply[node] = task
+            if task >= 1 and keys & backbone:  # after the base session: once per client, whole
+                assert node not in got_backbone and backbone <= keys
+                got_backbone.add(node)
+        elif task_of_reply[node] >= 1:
+            assert not keys & backbone
+            for k in keys:
+                assert k.startswith(("U.", "s.", "head_rows.")) or k.endswith(
+                    (".orth_A.1", ".orth_B.1", ".res_C.1", ".res_B.1")), f"{k} crossed the wire"
+    assert got_backbone  # the backbone did reach the clients after the base session
     comm = results["communication"]
     assert comm["uplink_bytes_per_client_round"] < comm["full_model_bytes"] / 5
-    assert results["accuracy_matrix"][0][0] > 0.5  # the base session learned task 0 (chance: 0.2)
+    assert (tmp_path / "adapters" / "adapter_model.safetensors").exists()
 
 
 def test_same_seed_same_accuracy_matrix(tmp_path, make_cfg):
