@@ -61,7 +61,8 @@ def _build(key: str) -> Experiment:
                               int(cfg.num_clients), cfg.partition, int(cfg.seed),
                               cfg.scenario.get("base_classes", None))
     method = instantiate(cfg.method, _convert_="all")
-    method.bind(int(cfg.num_tasks), scenario.task_starts, cfg)
+    shape = OmegaConf.merge(cfg, {"input_dim": int(np.prod(data.x_train.shape[1:]))})
+    method.bind(int(cfg.num_tasks), scenario.task_starts, shape)
     return Experiment(cfg, data, scenario, method)
 
 

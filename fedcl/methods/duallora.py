@@ -39,7 +39,8 @@ class DualLoRA(Method):
     def __init__(self, name: str = "duallora", rank: int = 2, alpha: float = 4.0,
                  targets: list[str] | str = "attn.qkv", threshold: float = 0.95,
                  feature_threshold: float = 0.9, max_client_basis: int = 16, temperature: float = 0.02,
-                 orthogonal: bool = True, residual: bool = True, lora_aggregation: str = "fedit",
+                 orthogonal: bool = True, residual: bool = True, task_key: str = "input",
+                 max_key_dims: int = 64, lora_aggregation: str = "fedit",
                  basis_aggregation: str = "svd", base_lr: float | None = None):
         super().__init__(name)
         if lora_aggregation not in AGGREGATIONS:
@@ -52,6 +53,9 @@ class DualLoRA(Method):
         self.threshold, self.feature_threshold = float(threshold), float(feature_threshold)
         self.max_client_basis, self.temperature = int(max_client_basis), float(temperature)
         self.orthogonal, self.residual = bool(orthogonal), bool(residual)
+        if task_key not in ("input", "features"):
+            raise ValueError(f"method.task_key={task_key!r}: choose 'input' or 'features'")
+        self.task_key, self.max_key_dims = task_key, int(max_key_dims)
         self.lora_aggregation, self.basis_aggregation = lora_aggregation, basis_aggregation
         self.base_lr = base_lr
         self._has_backbone: set[int] = set()
@@ -63,6 +67,7 @@ class DualLoRA(Method):
             raise ConfigError(f"method=duallora adapts a ViT's attention; set model=vit (not model={cfg.model.name}).")
         self.num_tasks, self.starts = num_tasks, list(task_starts)
         self.first = 0 if cfg.model.get("checkpoint", None) else 1  # task 0 is the base session
+        self.key_dim = int(cfg.get("input_dim", 0))
         self.base_session_tasks = self.first
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -74,8 +79,8 @@ class DualLoRA(Method):
             layer.first_adapter_task = self.first
             layer.use_orthogonal, layer.use_residual = self.orthogonal, self.residual
             setattr(parent, child, layer)
-        d = model.head.in_features
-        model.register_buffer("task_keys", torch.zeros(self.num_tasks, d, d))
+        d = self.key_dim if self.task_key == "input" else model.head.in_features
+        model.register_buffer("task_keys", torch.zeros(self.num_tasks, d, min(d, self.max_key_dims)))
         model.requires_grad_(True)
         return model
 
@@ -177,7 +182,7 @@ class DualLoRA(Method):
         out = {}
         captured = {name: torch.cat(layer.capture) for name, layer in layers.items()}
         if ctx.phase == "basis_end":
-            captured["task_key"] = feats
+            captured["task_key"] = self.key_representation(model, ctx.images(rows), feats)
         for name, x in captured.items():
             x = x.double().numpy()
             if self.basis_aggregation == "covariance":
@@ -269,11 +274,18 @@ class DualLoRA(Method):
         export_peft(folder, factors, self.rank, self.alpha, backbone)
 
     # ---- inference: dynamic memory ------------------------------------------------------
+    def key_representation(self, model: nn.Module, x: torch.Tensor, feats: torch.Tensor | None = None) -> torch.Tensor:
+        """What task keys describe: the input image (the representation entering the patch
+        embedding) or the backbone's final feature."""
+        if self.task_key == "input":
+            return x.flatten(1)
+        return feats if feats is not None else model.features(x)
+
     @torch.no_grad()
     def task_confidence(self, model: nn.Module, x: torch.Tensor, seen_tasks: int) -> torch.Tensor:
         self.set_mode(model, seen_tasks - 1, None)
-        f = model.features(x)
-        keys = model.task_keys[:seen_tasks]                       # (T, d, d) zero-padded bases
+        f = self.key_representation(model, x)
+        keys = model.task_keys[:seen_tasks]                       # (T, d, m) zero-padded bases
         explained = torch.einsum("nd,tdm->ntm", f, keys).pow(2).sum(-1) / f.pow(2).sum(-1, keepdim=True)
         return torch.softmax(explained / self.temperature, dim=1)
 
