@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The headline: DualLoRA on the default experiment, then the fine-tuning lower bound on the same ViT.
 run: $(STAMP)
-	$(VENV)/bin/fedcl $(ARGS)
+	$(PY) simulations/compare_methods.py --methods duallora,finetune --out outputs/make_run -- \
+		model=vit optimizer=adam lr=0.001 $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
