@@ -48,7 +48,7 @@ class Experiment:
 
 def config_key(cfg: DictConfig) -> str:
     """The parts of the config that decide data, scenario, model and method."""
-    keep = {k: cfg[k] for k in ("dataset", "model", "method", "partition", "scenario",
+    keep = {k: cfg[k] for k in ("dataset", "model", "method", "partition", "scenario", "strategy",
                                 "num_clients", "num_tasks", "seed")}
     return json.dumps(OmegaConf.to_container(OmegaConf.create(keep), resolve=True), sort_keys=True)
 

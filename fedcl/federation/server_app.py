@@ -60,11 +60,14 @@ def register_clients(grid: Grid, num_clients: int) -> dict[int, int]:
 def evaluate_tasks(exp: Experiment, model: torch.nn.Module, task: int) -> tuple[list[float], float]:
     """Accuracy on each seen task's test classes, and on all seen test samples together.
 
-    Prediction is class-incremental: argmax over every class seen so far, no task id given.
+    Prediction is class-incremental: argmax over every class seen so far, no task id given, on a
+    shuffled mix of all seen tasks' samples (so no batch holds a single task).
     """
     seen = exp.scenario.seen_classes(task)
     rows = np.concatenate(exp.scenario.test_indices[: task + 1])
-    preds = exp.method.predict(model, exp.test_images[rows], seen).numpy()
+    mix = np.random.default_rng([int(exp.cfg.seed), 3, task]).permutation(len(rows))
+    preds = np.empty(len(rows), dtype=np.int64)
+    preds[mix] = exp.method.predict(model, exp.test_images[rows[mix]], seen).numpy()
     correct = preds == exp.scenario.y_test[rows]
     per_task, start = [], 0
     for t in range(task + 1):

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedcl.errors import ConfigError
 from fedcl.federation.lora_aggregation import AGGREGATIONS, aggregate_lora
 from fedcl.methods.base import ClientRound, Method, fit, weighted_mean
 from fedcl.models.dual_lora import DualLoRALinear
@@ -40,13 +41,8 @@ class DualLoRA(Method):
                  targets: list[str] | str = "attn.qkv", threshold: float = 0.95,
                  feature_threshold: float = 0.9, max_client_basis: int = 16, temperature: float = 0.02,
                  orthogonal: bool = True, residual: bool = True, task_key: str = "input",
-                 max_key_dims: int = 64, lora_aggregation: str = "fedit",
-                 basis_aggregation: str = "svd", base_lr: float | None = None):
+                 max_key_dims: int = 64, base_lr: float | None = None):
         super().__init__(name)
-        if lora_aggregation not in AGGREGATIONS:
-            raise ValueError(f"method.lora_aggregation={lora_aggregation!r}: choose one of {list(AGGREGATIONS)}")
-        if basis_aggregation not in BASIS_AGGREGATIONS:
-            raise ValueError(f"method.basis_aggregation={basis_aggregation!r}: choose one of {list(BASIS_AGGREGATIONS)}")
         if not (orthogonal or residual):
             raise ValueError("method.orthogonal and method.residual are both false: enable at least one adapter")
         self.rank, self.alpha, self.targets = int(rank), float(alpha), targets
@@ -56,16 +52,22 @@ class DualLoRA(Method):
         if task_key not in ("input", "features"):
             raise ValueError(f"method.task_key={task_key!r}: choose 'input' or 'features'")
         self.task_key, self.max_key_dims = task_key, int(max_key_dims)
-        self.lora_aggregation, self.basis_aggregation = lora_aggregation, basis_aggregation
         self.base_lr = base_lr
         self._has_backbone: set[int] = set()
 
     # ---- shape of the run ----------------------------------------------------------------
     def bind(self, num_tasks: int, task_starts: list[int], cfg) -> None:
         if cfg.model.name != "vit":
-            from fedcl.errors import ConfigError
             raise ConfigError(f"method=duallora adapts a ViT's attention; set model=vit (not model={cfg.model.name}).")
         self.num_tasks, self.starts = num_tasks, list(task_starts)
+        self.lora_aggregation = str(cfg.strategy.lora_aggregation)
+        self.basis_aggregation = str(cfg.strategy.basis_aggregation)
+        if self.lora_aggregation not in AGGREGATIONS:
+            raise ConfigError(f"strategy.lora_aggregation={self.lora_aggregation!r} is unknown. "
+                              f"Choose one of {list(AGGREGATIONS)}.")
+        if self.basis_aggregation not in BASIS_AGGREGATIONS:
+            raise ConfigError(f"strategy.basis_aggregation={self.basis_aggregation!r} is unknown. "
+                              f"Choose one of {list(BASIS_AGGREGATIONS)}.")
         self.first = 0 if cfg.model.get("checkpoint", None) else 1  # task 0 is the base session
         self.key_dim = int(cfg.get("input_dim", 0))
         self.base_session_tasks = self.first
@@ -121,7 +123,8 @@ class DualLoRA(Method):
                 ctx.lr = float(self.base_lr)
             fit(model, rows, ctx, lambda x, logits: None, first_class)
             return len(rows)
-        trainable = {f"{name}.{p}.{ctx.task}" for name in self.layers(model) for p in ADAPTER_PARTS}
+        parts = [p for p in ADAPTER_PARTS if not (p == "orth_A" and self.lora_aggregation == "ffa")]
+        trainable = {f"{name}.{p}.{ctx.task}" for name in self.layers(model) for p in parts}  # ffa: A frozen
         for name, p in model.named_parameters():
             p.requires_grad_(name in trainable or name.startswith("head."))
         rows_mask = torch.zeros_like(model.head.weight[:, :1])
