@@ -99,7 +99,8 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: str) -> dict:
         phases = method.phases(task, R)
         for rnd, phase in enumerate(phases):
             t0 = time.monotonic()
-            sampled = sample_clients(cfg, task, rnd)
+            sampled = (list(range(int(cfg.num_clients))) if method.samples_everyone(task, phase)
+                       else sample_clients(cfg, task, rnd))
             config = ConfigRecord({"task": task, "round": rnd, "phase": phase})
             msgs = [Message(RecordDict({"arrays": to_record(method.downlink(global_arrays, task, phase, c)),
                                         "config": config}),

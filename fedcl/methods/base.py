@@ -92,6 +92,10 @@ class Method:
         """The communication rounds of a task, in order."""
         return ["train"] * rounds
 
+    def samples_everyone(self, task: int, phase: str) -> bool:
+        """A round that goes to every client instead of a ``fraction_train`` sample."""
+        return False
+
     def downlink(self, global_arrays: dict[str, np.ndarray], task: int, phase: str,
                  client: int) -> dict[str, np.ndarray]:
         """What the server sends to this sampled client this round."""

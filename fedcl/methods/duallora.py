@@ -16,8 +16,10 @@ residual branches by it, and class scores are calibrated as
 log p(class) = log p(task) + log softmax(logits within the task).
 
 Base session: without ``model.checkpoint``, task 0 trains the whole backbone with FedAvg (its
-bytes are counted); from task 1 on, the backbone is frozen. A client receives the frozen backbone
-once, the first time it is sampled after the base session, and keeps it in its own state.
+bytes are counted); from task 1 on, the backbone is frozen. The base session's last round
+(``basis_end``) goes to every client: each keeps the final backbone in its own state, so after
+the base session no backbone array ever crosses the wire. With ``model.checkpoint`` every client
+loads the same file instead.
 """
 from __future__ import annotations
 
@@ -53,7 +55,6 @@ class DualLoRA(Method):
             raise ValueError(f"method.task_key={task_key!r}: choose 'input' or 'features'")
         self.task_key, self.max_key_dims = task_key, int(max_key_dims)
         self.base_lr = base_lr
-        self._has_backbone: set[int] = set()
 
     # ---- shape of the run ----------------------------------------------------------------
     def bind(self, num_tasks: int, task_starts: list[int], cfg) -> None:
@@ -107,8 +108,10 @@ class DualLoRA(Method):
 
     # ---- client side ---------------------------------------------------------------------
     def client_update(self, model: nn.Module, ctx: ClientRound, state: dict) -> int:
-        if ctx.task >= self.first:
-            self.restore_backbone(model, state)
+        if ctx.task < self.first and ctx.phase == "basis_end":  # the final base-session model
+            state["backbone"] = {k: v.clone() for k, v in model.state_dict().items() if self.is_backbone(k)}
+        elif ctx.task >= self.first and "backbone" in state:
+            model.load_state_dict(state["backbone"], strict=False)
         rows = ctx.task_rows(ctx.task)
         if not len(rows):
             return 0
@@ -150,14 +153,6 @@ class DualLoRA(Method):
                 v = full
             padded[k] = v
         super().load_payload(model, padded)
-
-    def restore_backbone(self, model: nn.Module, state: dict) -> None:
-        """Keep the frozen backbone the first time it arrives; reuse it on later rounds."""
-        own = model.state_dict()
-        if "backbone" not in state:
-            state["backbone"] = {k: v.clone() for k, v in own.items() if self.is_backbone(k)}
-        else:
-            model.load_state_dict(state["backbone"], strict=False)
 
     def payload(self, model: nn.Module, ctx: ClientRound | None = None) -> dict[str, torch.Tensor]:
         if ctx.task < self.first and ctx.phase == "train":  # base session: backbone and head
@@ -204,14 +199,13 @@ class DualLoRA(Method):
         start = ["basis_start"] if task >= self.first and self.residual else []
         return start + ["train"] * rounds + ["basis_end"]
 
+    def samples_everyone(self, task: int, phase: str) -> bool:
+        return task < self.first and phase == "basis_end"  # every client gets the final backbone
+
     def downlink(self, global_arrays, task, phase, client):
         if task < self.first:
             return global_arrays
-        out = {k: trim_basis(v) if is_basis(k) else v for k, v in global_arrays.items() if not self.is_backbone(k)}
-        if client not in self._has_backbone:  # the frozen backbone goes to each client once
-            out.update({k: v for k, v in global_arrays.items() if self.is_backbone(k)})
-            self._has_backbone.add(client)
-        return out
+        return {k: trim_basis(v) if is_basis(k) else v for k, v in global_arrays.items() if not self.is_backbone(k)}
 
     def aggregate(self, global_arrays, replies, task, phase):
         g = dict(global_arrays)
