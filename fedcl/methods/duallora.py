@@ -90,7 +90,8 @@ class DualLoRA(Method):
     def layers(self, model: nn.Module) -> dict[str, DualLoRALinear]:
         return {n: m for n, m in model.named_modules() if isinstance(m, DualLoRALinear)}
 
-    def set_mode(self, model: nn.Module, task: int, residual_weights: torch.Tensor | None) -> None:
+    def set_mode(self, model: nn.Module, task: int, residual_weights: torch.Tensor | str | None) -> None:
+        """Which task the layers serve and how residual branches are weighted (see DualLoRALinear)."""
         for layer in self.layers(model).values():
             layer.task = task
             layer.residual_weights = residual_weights
@@ -134,9 +135,7 @@ class DualLoRA(Method):
         rows_mask[first_class:end] = 1
         hooks = [model.head.weight.register_hook(lambda g: g * rows_mask),
                  model.head.bias.register_hook(lambda g: g * rows_mask[:, 0])]
-        self.set_mode(model, ctx.task, None)
-        for layer in self.layers(model).values():
-            layer.residual_weights = "current"  # type: ignore[assignment]
+        self.set_mode(model, ctx.task, "current")
         fit(model, rows, ctx, lambda x, logits: None, first_class)
         for h in hooks:
             h.remove()
@@ -171,10 +170,7 @@ class DualLoRA(Method):
         layers = self.layers(model)
         for layer in layers.values():
             layer.capture = []
-        self.set_mode(model, ctx.task, None)
-        if ctx.phase == "basis_end" and ctx.task >= self.first:
-            for layer in layers.values():
-                layer.residual_weights = "current"  # type: ignore[assignment]
+        self.set_mode(model, ctx.task, "current" if ctx.phase == "basis_end" and ctx.task >= self.first else None)
         model.eval()
         feats = torch.cat([model.features(ctx.images(rows[i:i + 256])) for i in range(0, len(rows), 256)])
         out = {}

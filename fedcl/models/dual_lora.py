@@ -17,17 +17,13 @@ import math
 import torch
 from torch import nn
 
-from fedcl.models.lora import lora_dims
+from fedcl.models.lora import check_rank
 
 
 class DualLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, num_tasks: int, r: int, alpha: float):
         super().__init__()
-        d_in, d_out = lora_dims(base)
-        from fedcl.errors import ConfigError
-        if not 1 <= r <= min(d_in, d_out):
-            raise ConfigError(f"method.rank={r} does not fit a layer with {d_in} inputs and {d_out} "
-                              f"outputs: choose 1 <= rank <= {min(d_in, d_out)}.")
+        d_in, d_out = check_rank(base, r)
         self.base = base
         self.r, self.scaling = int(r), float(alpha) / int(r)
         self.orth_A = nn.ParameterList(nn.Parameter(torch.empty(r, d_in)) for _ in range(num_tasks))

@@ -22,10 +22,7 @@ class LoRALayer(nn.Module):
 
     def __init__(self, base: nn.Linear | nn.Conv2d, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        fan_in, fan_out = lora_dims(base)
-        if not 1 <= r <= min(fan_in, fan_out):
-            raise ConfigError(f"LoRA rank r={r} does not fit a layer with {fan_in} inputs and "
-                              f"{fan_out} outputs: choose 1 <= r <= {min(fan_in, fan_out)}.")
+        check_rank(base, r)
         self.base = base.requires_grad_(False)
         self.r, self.alpha, self.scaling = int(r), float(alpha), float(alpha) / int(r)
         if isinstance(base, nn.Conv2d):
@@ -76,6 +73,15 @@ def lora_dims(layer: nn.Module) -> tuple[int, int]:
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features
     raise ConfigError(f"LoRA targets nn.Linear or nn.Conv2d, not {type(layer).__name__}.")
+
+
+def check_rank(layer: nn.Module, r: int) -> tuple[int, int]:
+    """A LoRA rank must fit the layer: 1 <= r <= min(inputs, outputs). Returns (inputs, outputs)."""
+    fan_in, fan_out = lora_dims(layer)
+    if not 1 <= r <= min(fan_in, fan_out):
+        raise ConfigError(f"LoRA rank r={r} does not fit a layer with {fan_in} inputs and "
+                          f"{fan_out} outputs: choose 1 <= r <= {min(fan_in, fan_out)}.")
+    return fan_in, fan_out
 
 
 def inject_lora(model: nn.Module, targets: str | list[str], r: int, alpha: float,
