@@ -157,6 +157,8 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: str) -> dict:
         "num_clients": int(cfg.num_clients),
         "wall_time_s": time.monotonic() - started,
     }
+    if (counts := method.parameter_counts(model)) is not None:
+        results["parameters"] = counts
     if hasattr(method, "export"):  # LoRA methods: the final global adapters in PEFT's format
         method.export(model, out / "adapters")
     report.write_json(out / "results.json", results)

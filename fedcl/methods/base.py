@@ -109,6 +109,11 @@ class Method:
     def predict(self, model: nn.Module, x: torch.Tensor, seen_classes: int) -> torch.Tensor:
         return predict(model, x, seen_classes)
 
+    def parameter_counts(self, model: nn.Module) -> dict | None:
+        """``results.json``'s ``parameters`` (backbone / added / added_fraction), for methods
+        that add parameters to a backbone; None leaves the key out."""
+        return None
+
 
 def weighted_mean(replies: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
     """FedAvg: per-array mean weighted by example counts, in reply order (callers sort it)."""
