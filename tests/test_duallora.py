@@ -90,7 +90,8 @@ def test_only_adapters_bases_and_head_rows_travel_after_the_base_session(make_cf
 def test_orthogonal_adapters_export_loads_in_peft(tmp_path, make_cfg):
     peft = __import__("pytest").importorskip("peft")
     from safetensors.torch import load_file
-    from timm.models.vision_transformer import VisionTransformer
+
+    from fedcl.models.backbones import vit as build_vit
 
     cfg = make_cfg("method=duallora", "num_tasks=5", "model.depth=2", "model.embed_dim=32")
     exp = get_experiment(cfg)
@@ -101,8 +102,7 @@ def test_orthogonal_adapters_export_loads_in_peft(tmp_path, make_cfg):
             for i in (1, 2, 4):
                 layer.orth_B[i].normal_()
     exp.method.export(model, tmp_path / "adapters")
-    vit = VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=0, embed_dim=32, depth=2,
-                            num_heads=4, mlp_ratio=2.0)
+    vit, _ = build_vit(1, 8, cfg.model)  # the same timm ViT (conv stem, mean pooling), fresh weights
     vit.load_state_dict(load_file(str(tmp_path / "adapters" / "backbone.safetensors")))
     peft_model = peft.PeftModel.from_pretrained(vit, str(tmp_path / "adapters"))
     x = exp.test_images[:7]
@@ -113,3 +113,48 @@ def test_orthogonal_adapters_export_loads_in_peft(tmp_path, make_cfg):
     with peft_model.disable_adapter(), torch.no_grad():
         bare = peft_model(x)
     assert not torch.allclose(theirs, bare, atol=1e-3)  # the adapters do act
+
+
+def test_inference_keeps_the_last_tasks_orthogonal_branch():
+    """After a task's basis_end its own inputs join U_old; its stored (already projected) A must
+    still act at inference, and only the training pass re-projects the current task's A."""
+    torch.manual_seed(3)
+    layer = DualLoRALinear(nn.Linear(16, 8), num_tasks=2, r=2, alpha=4)
+    U = orthonormal(16, 6, seed=4)
+    layer.old_basis[:, :6] = U                            # now holds task 1's own inputs
+    layer.task, layer.first_adapter_task = 1, 1
+    with torch.no_grad():
+        layer.orth_B[1].normal_()
+    x = torch.randn(5, 6) @ U.T
+    layer.project_current = False                         # inference
+    assert (layer(x) - layer.base(x)).abs().max() > 1e-2
+    layer.project_current = True                          # training task 1 again would protect U
+    assert (layer(x) - layer.base(x)).abs().max() < 1e-5
+
+
+def test_client_without_data_of_a_task_sends_no_basis(make_cfg):
+    cfg = make_cfg("method=duallora", "num_clients=2", "num_tasks=2", "rounds_per_task=1",
+                   "model.depth=2", "model.embed_dim=32")
+    exp = get_experiment(cfg)
+    ctx = client_round(cfg, 0, 1, 0, "basis_end")
+    ctx.task_rows = lambda t: np.zeros(0, dtype=np.int64)
+    model = exp.new_model()
+    assert exp.method.client_update(model, ctx, {}) == 0
+    assert exp.method.payload(model, ctx) == {}
+
+
+def test_conv_stem_vit_and_clear_errors(make_cfg):
+    import pytest
+    from omegaconf import OmegaConf
+
+    from fedcl.errors import ConfigError
+    from fedcl.models.backbones import vit as build_vit
+
+    cfg = make_cfg("method=duallora", "model.depth=1", "model.embed_dim=32")
+    assert cfg.model.stem == "conv" and cfg.model.global_pool == "avg"
+    net, dim = build_vit(1, 8, cfg.model)
+    assert net(torch.randn(3, 1, 8, 8)).shape == (3, dim)
+    assert net.patch_embed.num_patches == 16            # the stem keeps the 2x2 patch grid
+    for key, bad in (("stem", "resnet"), ("global_pool", "max")):
+        with pytest.raises(ConfigError, match=key):
+            build_vit(1, 8, OmegaConf.merge(cfg.model, {key: bad}))

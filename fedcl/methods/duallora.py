@@ -15,10 +15,17 @@ task t's confidence is softmax_t(||U_t^T f||^2 / ||f||^2 / temperature). A secon
 residual branches by it, and class scores are calibrated as
 log p(class) = log p(task) + log softmax(logits within the task).
 
+Rates: the base session trains at ``base_lr`` (null: ``lr``) for ``base_epochs`` local epochs (null:
+``local_epochs``); afterwards adapters and head rows train at ``adapter_lr`` (null: ``lr``): a task
+gets only a few dozen local steps, too few at the backbone's rate. Client bases travel as float16
+(the server merges in float64).
+
 Base session: without ``model.checkpoint``, task 0 trains the whole backbone with FedAvg (its
 bytes are counted); from task 1 on, the backbone is frozen. The base session's last round
 (``basis_end``) goes to every client: each keeps the final backbone in its own state, so after
-the base session no backbone array ever crosses the wire. With ``model.checkpoint`` every client
+the base session no backbone array ever crosses the wire. (The simulator stores that identical
+backbone once per run and once per Ray worker's memory, and each client's state names it by
+digest: see ``SharedBlobStore``.) With ``model.checkpoint`` every client
 loads the same file instead.
 """
 from __future__ import annotations
@@ -40,10 +47,11 @@ ADAPTER_PARTS = ("orth_A", "orth_B", "res_C", "res_B")
 
 class DualLoRA(Method):
     def __init__(self, name: str = "duallora", rank: int = 2, alpha: float = 4.0,
-                 targets: list[str] | str = "attn.qkv", threshold: float = 0.95,
-                 feature_threshold: float = 0.9, max_client_basis: int = 16, temperature: float = 0.02,
+                 targets: list[str] | str = "attn.qkv", threshold: float = 0.999,
+                 feature_threshold: float = 0.95, max_client_basis: int = 32, temperature: float = 0.02,
                  orthogonal: bool = True, residual: bool = True, task_key: str = "input",
-                 max_key_dims: int = 64, base_lr: float | None = None):
+                 max_key_dims: int = 64, base_lr: float | None = None, base_epochs: int | None = None,
+                 adapter_lr: float | None = 0.005):
         super().__init__(name)
         if not (orthogonal or residual):
             raise ValueError("method.orthogonal and method.residual are both false: enable at least one adapter")
@@ -55,6 +63,8 @@ class DualLoRA(Method):
             raise ValueError(f"method.task_key={task_key!r}: choose 'input' or 'features'")
         self.task_key, self.max_key_dims = task_key, int(max_key_dims)
         self.base_lr = base_lr
+        self.base_epochs = None if base_epochs is None else int(base_epochs)
+        self.adapter_lr = adapter_lr
 
     # ---- shape of the run ----------------------------------------------------------------
     def bind(self, num_tasks: int, task_starts: list[int], cfg) -> None:
@@ -90,11 +100,14 @@ class DualLoRA(Method):
     def layers(self, model: nn.Module) -> dict[str, DualLoRALinear]:
         return {n: m for n, m in model.named_modules() if isinstance(m, DualLoRALinear)}
 
-    def set_mode(self, model: nn.Module, task: int, residual_weights: torch.Tensor | str | None) -> None:
-        """Which task the layers serve and how residual branches are weighted (see DualLoRALinear)."""
+    def set_mode(self, model: nn.Module, task: int, residual_weights: torch.Tensor | str | None,
+                 project_current: bool = True) -> None:
+        """Which task the layers serve and how residual branches are weighted (see DualLoRALinear);
+        ``project_current=False`` at inference, where every orthogonal A is stored projected."""
         for layer in self.layers(model).values():
             layer.task = task
             layer.residual_weights = residual_weights
+            layer.project_current = project_current
 
     # ---- which arrays are which ----------------------------------------------------------
     @staticmethod
@@ -110,9 +123,11 @@ class DualLoRA(Method):
     # ---- client side ---------------------------------------------------------------------
     def client_update(self, model: nn.Module, ctx: ClientRound, state: dict) -> int:
         if ctx.task < self.first and ctx.phase == "basis_end":  # the final base-session model
-            state["backbone"] = {k: v.clone() for k, v in model.state_dict().items() if self.is_backbone(k)}
+            backbone = {k: v.clone() for k, v in model.state_dict().items() if self.is_backbone(k)}
+            state["backbone"] = ctx.shared.put(backbone) if ctx.shared is not None else backbone
         elif ctx.task >= self.first and "backbone" in state:
-            model.load_state_dict(state["backbone"], strict=False)
+            backbone = state["backbone"]  # a digest into the run's shared store, or the tensors
+            model.load_state_dict(ctx.shared.get(backbone) if isinstance(backbone, str) else backbone, strict=False)
         rows = ctx.task_rows(ctx.task)
         if not len(rows):
             return 0
@@ -125,6 +140,8 @@ class DualLoRA(Method):
             self.set_mode(model, ctx.task, None)
             if self.base_lr:
                 ctx.lr = float(self.base_lr)
+            if self.base_epochs:
+                ctx.local_epochs = self.base_epochs
             fit(model, rows, ctx, lambda x, logits: None, first_class)
             return len(rows)
         parts = [p for p in ADAPTER_PARTS if not (p == "orth_A" and self.lora_aggregation == "ffa")]
@@ -136,6 +153,8 @@ class DualLoRA(Method):
         hooks = [model.head.weight.register_hook(lambda g: g * rows_mask),
                  model.head.bias.register_hook(lambda g: g * rows_mask[:, 0])]
         self.set_mode(model, ctx.task, "current")
+        if self.adapter_lr:
+            ctx.lr = float(self.adapter_lr)
         fit(model, rows, ctx, lambda x, logits: None, first_class)
         for h in hooks:
             h.remove()
@@ -167,6 +186,8 @@ class DualLoRA(Method):
     @torch.no_grad()
     def client_bases(self, model: nn.Module, ctx: ClientRound) -> dict[str, torch.Tensor]:
         rows = ctx.task_rows(ctx.task)
+        if not len(rows):  # a client without data of this task has no basis to send
+            return {}
         layers = self.layers(model)
         for layer in layers.values():
             layer.capture = []
@@ -183,8 +204,10 @@ class DualLoRA(Method):
                 out[f"cov.{name}"] = torch.from_numpy(x.T @ x)
             else:
                 u, s = client_basis(x, self.threshold if name != "task_key" else self.feature_threshold)
-                out[f"U.{name}"] = torch.from_numpy(u[:, :self.max_client_basis].copy())
-                out[f"s.{name}"] = torch.from_numpy(s[:self.max_client_basis].copy())
+                # half precision on the wire (orthonormal columns, entries below 1; the singular
+                # values stay float32): the server merges in float64 and re-orthonormalises
+                out[f"U.{name}"] = torch.from_numpy(u[:, :self.max_client_basis].astype(np.float16))
+                out[f"s.{name}"] = torch.from_numpy(s[:self.max_client_basis].astype(np.float32))
         for layer in layers.values():
             layer.capture = None
             layer.residual_weights = None
@@ -194,6 +217,9 @@ class DualLoRA(Method):
     def phases(self, task: int, rounds: int) -> list[str]:
         start = ["basis_start"] if task >= self.first and self.residual else []
         return start + ["train"] * rounds + ["basis_end"]
+
+    def varies_across_clients(self, key: str) -> bool:
+        return key.startswith(("U.", "s."))  # a client's basis keeps as many directions as its data needs
 
     def samples_everyone(self, task: int, phase: str) -> bool:
         return task < self.first and phase == "basis_end"  # every client gets the final backbone
@@ -276,7 +302,7 @@ class DualLoRA(Method):
 
     @torch.no_grad()
     def task_confidence(self, model: nn.Module, x: torch.Tensor, seen_tasks: int) -> torch.Tensor:
-        self.set_mode(model, seen_tasks - 1, None)
+        self.set_mode(model, seen_tasks - 1, None, project_current=False)
         f = self.key_representation(model, x)
         keys = model.task_keys[:seen_tasks]                       # (T, d, m) zero-padded bases
         explained = torch.einsum("nd,tdm->ntm", f, keys).pow(2).sum(-1) / f.pow(2).sum(-1, keepdim=True)
@@ -292,7 +318,7 @@ class DualLoRA(Method):
             conf = self.task_confidence(model, xb, seen_tasks)
             weights = torch.zeros(len(xb), self.num_tasks)
             weights[:, :seen_tasks] = conf
-            self.set_mode(model, seen_tasks - 1, weights)
+            self.set_mode(model, seen_tasks - 1, weights, project_current=False)
             logits = model(xb)
             log_conf = torch.log(conf.clamp_min(1e-12))
             scores = torch.cat([F.log_softmax(logits[:, self.starts[t]:self.starts[t + 1]], dim=-1)

@@ -52,17 +52,34 @@ def resnet18_cifar(in_channels: int, width: int = 64) -> tuple[nn.Module, int]:
 
 
 def vit(in_channels: int, image_size: int, model_cfg) -> tuple[nn.Module, int]:
-    """A timm VisionTransformer sized by the config; small enough to train on CPU by default."""
+    """A timm VisionTransformer sized by the config; small enough to train on CPU by default.
+
+    ``model.stem=conv`` puts a 3x3 convolution (GroupNorm, GELU) before the patch projection, the
+    "early convolutions" of Xiao et al. (2021): on tiny images from few samples a plain linear patch
+    embedding trains slowly. ``model.global_pool``: ``token`` (class token) or ``avg`` (mean of the
+    patch tokens)."""
     from timm.models.vision_transformer import VisionTransformer
 
     patch = int(model_cfg.get("patch_size", 2))
     if image_size % patch:
         raise ConfigError(f"model.patch_size={patch} does not divide the {image_size}x{image_size} images.")
     dim = int(model_cfg.get("embed_dim", 128))
+    pool = str(model_cfg.get("global_pool", "token"))
+    if pool not in ("token", "avg"):
+        raise ConfigError(f"model.global_pool={pool!r}: choose 'token' or 'avg'.")
     net = VisionTransformer(img_size=image_size, patch_size=patch, in_chans=in_channels, num_classes=0,
                             embed_dim=dim, depth=int(model_cfg.get("depth", 4)),
                             num_heads=int(model_cfg.get("num_heads", 4)),
-                            mlp_ratio=float(model_cfg.get("mlp_ratio", 2.0)))
+                            mlp_ratio=float(model_cfg.get("mlp_ratio", 2.0)), global_pool=pool,
+                            class_token=pool == "token")
+    stem = str(model_cfg.get("stem", "patch"))
+    if stem == "conv":
+        width = int(model_cfg.get("stem_channels", 32))
+        net.patch_embed.proj = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.GroupNorm(4, width), nn.GELU(),
+            nn.Conv2d(width, dim, patch, stride=patch))
+    elif stem != "patch":
+        raise ConfigError(f"model.stem={stem!r}: choose 'patch' (linear patch embedding) or 'conv'.")
     return net, dim
 
 

@@ -39,6 +39,7 @@ class DualLoRALinear(nn.Module):
         self.first_adapter_task = 0                     # tasks before it have no adapters
         self.use_orthogonal = True
         self.use_residual = True
+        self.project_current = True                     # training: keep the current A off U_old
         # None: residual branches off; "current": only the current task's, weight 1 (training);
         # an (N, num_tasks) tensor: per-sample weights from the dynamic memory (inference)
         self.residual_weights: torch.Tensor | str | None = None
@@ -46,7 +47,10 @@ class DualLoRALinear(nn.Module):
 
     def projected_A(self, i: int) -> torch.Tensor:
         a = self.orth_A[i]
-        if i == self.task:  # the current task's update must stay outside the old subspace
+        # The current task's update must stay outside the old subspace while it trains. At
+        # inference every stored A is already projected (the server does it), and U_old may by
+        # then hold the current task's own inputs, so projecting again would cut its own branch.
+        if i == self.task and self.project_current:
             a = a - (a @ self.old_basis) @ self.old_basis.T
         return a
 
