@@ -10,10 +10,15 @@ their updates, sum_k w_k B_k A_k. How close each scheme gets:
 - ``stacked``: form sum_k w_k B_k A_k exactly and re-factorise it to rank r by truncated SVD
   (B = U_r S_r^1/2, A = S_r^1/2 V_r^T). Exact when that sum has rank <= r, otherwise the best
   rank-r approximation (Eckart-Young).
+
+Under ``strategy.robust`` (see ``fedcl.federation.robust``) each weighted mean above becomes a
+coordinate-wise median or trimmed mean (of A and B, or of the products B_k A_k for ``stacked``).
 """
 from __future__ import annotations
 
 import numpy as np
+
+from fedcl.federation.robust import current_rule
 
 AGGREGATIONS = ("fedit", "ffa", "stacked")
 
@@ -28,14 +33,16 @@ def aggregate_lora(clients: list[Factors], weights: list[float], scheme: str) ->
     A = np.stack([a for a, _ in clients]).astype(np.float64)
     B = np.stack([b for _, b in clients]).astype(np.float64)
     dtype = clients[0][0].dtype
+    rule = current_rule()  # strategy.robust replaces each weighted mean below
+    mean = (lambda stack: rule.combine(stack)) if rule else (lambda stack: np.tensordot(w, stack, 1))
     if scheme == "fedit":
-        return np.tensordot(w, A, 1).astype(dtype), np.tensordot(w, B, 1).astype(dtype)
+        return mean(A).astype(dtype), mean(B).astype(dtype)
     if scheme == "ffa":
         if not all(np.array_equal(A[0], a) for a in A[1:]):
             raise ValueError("ffa aggregation needs the same frozen A on every client")
-        return clients[0][0].copy(), np.tensordot(w, B, 1).astype(dtype)
+        return clients[0][0].copy(), mean(B).astype(dtype)
     r = A.shape[1]
-    delta = np.einsum("k,kor,kri->oi", w, B, A)
+    delta = mean(np.einsum("kor,kri->koi", B, A))
     u, s, vt = np.linalg.svd(delta, full_matrices=False)
     root = np.sqrt(s[:r])
     return (root[:, None] * vt[:r]).astype(dtype), (u[:, :r] * root[None]).astype(dtype)

@@ -1,0 +1,70 @@
+"""The server's checkpoint: everything needed to continue a killed run from its last round.
+
+Written atomically after every round to ``<run dir>/checkpoint/``: ``server.pt`` (global arrays,
+per-round metrics, accuracy matrix, byte counters, failures, the position in the schedule, RNG
+states) and ``config.yaml`` (the run's resolved config, so ``fedcl resume=<run dir>`` needs
+nothing else). Client states live beside it in ``client_state/``, versioned by round (see
+``ClientStateStore``), so a client that had already trained in the interrupted round is rolled
+back to its state before that round.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fedcl.errors import ConfigError
+
+FOLDER = "checkpoint"
+
+
+def _atomic_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_config(run_dir: str | os.PathLike, cfg: DictConfig) -> None:
+    folder = Path(run_dir) / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".config.yaml.", suffix=".tmp", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, folder / "config.yaml")
+
+
+def load_config(run_dir: str | os.PathLike) -> DictConfig:
+    """The config a checkpointed run was started with; a clear error if there is none."""
+    path = Path(run_dir) / FOLDER / "config.yaml"
+    if not path.exists():
+        raise ConfigError(f"resume={run_dir}: no {FOLDER}/config.yaml there. Point resume at the run "
+                          "directory of an earlier fedcl run (the one holding results/metrics.csv).")
+    return OmegaConf.load(path)
+
+
+def save(run_dir: str | os.PathLike, state: dict) -> None:
+    """``state``: the server loop's variables after a completed round."""
+    folder = Path(run_dir) / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {**state, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
+    _atomic_save(state, folder / "server.pt")
+
+
+def load(run_dir: str | os.PathLike) -> dict | None:
+    """The last saved state (RNG states restored), or None if no round completed yet."""
+    path = Path(run_dir) / FOLDER / "server.pt"
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    return state
