@@ -1,0 +1,185 @@
+"""Client side of client-level DP: what leaves a client is clipped and noised there.
+
+``privatize_payload`` takes the method's payload (named arrays) and the arrays the server sent
+this round, and splits the payload into
+- *deltas*: arrays with a counterpart in what was received (same name and shape, or
+  ``<x>head_rows.*`` = rows first_class..seen_classes-1 (or 0..seen_classes-1) of ``<x>head.*``,
+  or what a method's optional
+  ``privacy_reference(received, ctx, payload)`` hook maps). Their differences to the counterparts,
+  taken together as one vector, are clipped to ``clip_norm`` in L2 and get Gaussian noise of std
+  ``sigma_k * clip_norm``; integer arrays (e.g. BatchNorm counters) are sent back unchanged;
+- *releases*: data-dependent arrays with no counterpart (subspace bases). ``cov.*`` covariances
+  are trace-normalised (PSD with unit trace => Frobenius norm <= 1) and get symmetric Gaussian
+  noise when ``privacy.bases=noisy_covariance``; anything else is sent raw and counted as an
+  uncovered release in the ledger.
+
+The client keeps its own accountant history in its state and refuses to train once its next
+message would exceed its budget (``refuses``), so a client enforces its budget even if a server
+asks again.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedcl.experiment import derive_seed
+from fedcl.privacy.accounting import ClientAccount, add_step, epsilon_of
+from fedcl.privacy.settings import PrivacySettings, privacy_settings
+
+NOISE_TAG, COIN_TAG = 61, 67  # keep the privacy RNG streams apart from training's
+
+
+def _np(v) -> np.ndarray:
+    return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+
+
+def references(payload: dict, received: dict, first_class: int, seen_classes: int,
+               method=None, ctx=None) -> dict[str, np.ndarray]:
+    """For each payload array that is an update of something the server sent: that something."""
+    if method is not None and hasattr(method, "privacy_reference"):
+        return method.privacy_reference(received, ctx, payload)
+    refs = {}
+    for key, value in payload.items():
+        shape = tuple(_np(value).shape)
+        if key in received and tuple(np.shape(received[key])) == shape:
+            refs[key] = np.asarray(received[key])
+        elif "head_rows." in key:  # rows of a head (DualLoRA: head_rows.*, DLC: dlc_head_rows.*)
+            full = received.get(key.replace("head_rows.", "head."))
+            for lo in (first_class, 0):  # the current task's rows, or all seen rows (DLC with exemplars)
+                if full is not None and tuple(full[lo:seen_classes].shape) == shape:
+                    refs[key] = np.asarray(full[lo:seen_classes])
+                    break
+    return refs
+
+
+def clip_and_noise(deltas: dict[str, np.ndarray], clip_norm: float, noise_std: float,
+                   rng: np.random.Generator, keep: bool = True) -> tuple[dict[str, np.ndarray], float]:
+    """Clip the concatenation of ``deltas`` to ``clip_norm`` (L2), add N(0, noise_std^2) to every
+    coordinate; ``keep=False`` sends the noise alone (the participation coin came up tails).
+    Returns the noisy deltas (float64) and the norm before clipping."""
+    norm = float(np.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in deltas.values())))
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    out = {}
+    for key, d in deltas.items():
+        kept = d.astype(np.float64) * scale if keep else np.zeros(d.shape)
+        out[key] = kept + rng.normal(0.0, noise_std, size=d.shape) if noise_std > 0 else kept
+    return out, norm
+
+
+def noisy_covariance(cov: np.ndarray, noise_std: float, rng: np.random.Generator) -> np.ndarray:
+    """Trace-normalised covariance plus symmetric Gaussian noise (upper triangle iid, mirrored):
+    the "Analyze Gauss" mechanism (Dwork et al., STOC 2014) with sensitivity 1 per matrix."""
+    cov = np.asarray(cov, dtype=np.float64)
+    tr = float(np.trace(cov))
+    normalised = cov / tr if tr > 0 else np.zeros_like(cov)
+    upper = np.triu(rng.normal(0.0, noise_std, size=cov.shape))
+    return normalised + upper + np.triu(upper, 1).T
+
+
+def begin_round(cfg, ctx, state: dict) -> bool:
+    """Before training: False when the client's budget forbids this round's message (it then
+    neither trains nor sends anything); with ``local_dp_sgd`` hands ``fit`` its DP-SGD settings."""
+    if refuses(cfg, ctx.client, ctx.task, state, ctx.phase):
+        return False
+    s = privacy_settings(cfg)
+    if s.private_task(ctx.task) and s.local_dp_sgd:
+        from fedcl.privacy.dp_sgd import DPSGD
+
+        c = s.client(ctx.client)
+        ctx.dp_sgd = DPSGD(c.dp_sgd_noise_multiplier, s.dp_sgd_max_grad_norm, c.dp_sgd_target_epsilon,
+                           s.delta, s.accountant)
+        ctx.dp_sgd_history = [tuple(h) for h in state.get("dp_sgd_history", [])]
+    return True
+
+
+def refuses(cfg, client: int, task: int, state: dict, phase: str = "train") -> bool:
+    """Whether this client's own accountant says its next message would exceed its budget."""
+    s = privacy_settings(cfg)
+    if not s.private_task(task):
+        return False
+    return not client_account(s, client, state).can_afford(next_steps(s, client, phase))
+
+
+def next_steps(s: PrivacySettings, client: int, phase: str) -> list[tuple[float, float]]:
+    """The accounted mechanism of a message in ``phase``: ``train`` rounds carry an update, every
+    other phase (e.g. DualLoRA's ``basis_*``) bases, accounted only when they are noised."""
+    if phase == "train":
+        c = s.client(client)
+        return [(c.noise_multiplier, c.sample_rate)] if s.client_level else []
+    return [(s.basis_noise_multiplier, 1.0)] if s.bases == "noisy_covariance" else []
+
+
+def client_account(s: PrivacySettings, client: int, state: dict) -> ClientAccount:
+    acc = ClientAccount(client, s.client(client).target_epsilon, s.delta, s.accountant)
+    acc.history = [list(h) for h in state.get("privacy_history", [])]
+    return acc
+
+
+def privatize_payload(cfg, ctx, received: dict, payload: dict, state: dict, num_examples: int,
+                      method=None) -> tuple[dict, dict]:
+    """The arrays to send and the metrics that describe the mechanism applied (for the ledger;
+    with ``uniform_weights`` they also replace ``num-examples`` by 1).
+
+    Without privacy, in a public task, or when the client had no data this round (the server
+    drops such replies), the payload goes out unchanged and the metrics are empty.
+    """
+    s = privacy_settings(cfg)
+    if not s.private_task(ctx.task) or num_examples <= 0:
+        return payload, {}
+    c = s.client(ctx.client)
+    rng = np.random.default_rng(derive_seed(ctx.seed, ctx.task, ctx.round, ctx.client, NOISE_TAG))
+    refs = references(payload, received, ctx.first_class, ctx.seen_classes, method, ctx)
+    out: dict[str, np.ndarray] = {}
+    deltas = {}
+    for key, value in payload.items():
+        v = _np(value)
+        if key in refs and np.issubdtype(v.dtype, np.integer):
+            out[key] = np.asarray(refs[key]).copy()  # counters: send back what was received
+        elif key in refs:
+            deltas[key] = v.astype(np.float64) - np.asarray(refs[key], dtype=np.float64)
+    metrics = {"dp-update": 0, "dp-basis": 0, "dp-raw": 0}
+    taken = getattr(ctx, "dp_sgd_taken", None)
+    if taken is not None:  # record-level DP-SGD ran in fit: compose its steps in the client's accountant
+        q, steps, exhausted = taken
+        history = [list(h) for h in state.get("dp_sgd_history", [])]
+        for _ in range(steps):
+            history = add_step(history, ctx.dp_sgd.noise_multiplier, q)
+        state["dp_sgd_history"] = history
+        metrics.update({"dpsgd-epsilon": epsilon_of(history, s.delta, s.accountant),
+                        "dpsgd-steps": int(sum(h[2] for h in history)), "dpsgd-exhausted": int(exhausted),
+                        "dpsgd-history": [float(v) for h in history for v in h]})  # (sigma, q, steps) flattened
+    if deltas and not s.client_level:  # record-level DP only: the update goes out as trained
+        for key in deltas:
+            out[key] = _np(payload[key])
+        deltas = {}
+    if deltas:
+        # the participation coin: private to the client (seeded here for reproducibility)
+        coin = np.random.default_rng(derive_seed(ctx.seed, ctx.task, ctx.round, ctx.client, COIN_TAG))
+        keep = bool(coin.random() < c.sample_rate)
+        noisy, norm = clip_and_noise(deltas, s.clip_norm, c.noise_multiplier * s.clip_norm, rng, keep)
+        for key, d in noisy.items():
+            out[key] = (np.asarray(refs[key], dtype=np.float64) + d).astype(_np(payload[key]).dtype)
+        metrics["dp-update"] = 1
+        state["privacy_last_norm"] = norm
+    releases = [k for k in payload if k not in refs]
+    covs = [k for k in releases if k.startswith("cov.")]
+    if s.bases == "noisy_covariance" and covs:
+        # all matrices of one message together have L2 sensitivity sqrt(len(covs))
+        std = s.basis_noise_multiplier * float(np.sqrt(len(covs)))
+        for key in covs:
+            out[key] = noisy_covariance(_np(payload[key]), std, rng)
+        metrics["dp-basis"] = 1
+    for key in releases:
+        if key not in out:
+            out[key] = _np(payload[key])
+            metrics["dp-raw"] += 1
+    if metrics["dp-update"] or metrics["dp-basis"]:
+        acc = client_account(s, ctx.client, state)
+        if metrics["dp-update"]:
+            acc.step(c.noise_multiplier, c.sample_rate, "update")
+        if metrics["dp-basis"]:
+            acc.step(s.basis_noise_multiplier, 1.0, "basis")
+        state["privacy_history"] = acc.history
+    if s.uniform_weights:
+        metrics["num-examples"] = 1
+    return {k: out[k] for k in payload}, metrics
