@@ -14,8 +14,9 @@ from omegaconf import DictConfig
 from fedcl.errors import ConfigError
 
 
-def run_experiment(cfg: DictConfig, run_dir: str) -> dict:
-    """Validate, simulate, and return results.json's content (with end-to-end wall time)."""
+def run_experiment(cfg: DictConfig, run_dir: str, resume: bool = False) -> dict:
+    """Validate, simulate, and return results.json's content (with end-to-end wall time).
+    ``resume=True`` continues the killed run in ``run_dir`` from its last checkpointed round."""
     from fedcl import config, report
     from fedcl.experiment import get_experiment
     from fedcl.federation.simulation import simulate
@@ -25,13 +26,25 @@ def run_experiment(cfg: DictConfig, run_dir: str) -> dict:
     exp = get_experiment(cfg)  # loads data now: a missing folder fails before Ray starts
     config.validate_against_data(cfg, exp.data.num_classes)
     path = Path(run_dir) / "results.json"
-    simulate(cfg, run_dir)
+    simulate(cfg, run_dir, resume)
     if not path.exists():
         raise RuntimeError(f"the simulation ended without writing {path}; see the log above")
     results = json.loads(path.read_text())
-    results["wall_time_s"] = time.monotonic() - started
+    # end to end; a resumed run also counts the time its first process had spent
+    results["wall_time_s"] = max(results["wall_time_s"], time.monotonic() - started)
     report.write_json(path, results)
     return results
+
+
+def resumed_config(run_dir: str) -> DictConfig:
+    """``fedcl resume=<run dir>``: the config that run was started with (other overrides are
+    ignored: a resumed run must be the same run)."""
+    from fedcl.federation.checkpoint import load_config
+
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"resume={run_dir}: no such directory. Give the run directory of the run "
+                          "to continue (it holds metrics.csv and checkpoint/).")
+    return load_config(run_dir)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -40,7 +53,12 @@ def main(cfg: DictConfig) -> None:
 
     run_dir = HydraConfig.get().runtime.output_dir
     try:
-        results = run_experiment(cfg, run_dir)
+        resume = bool(cfg.get("resume"))
+        if resume:
+            run_dir = str(cfg.resume)
+            cfg = resumed_config(run_dir)
+            print(f"fedcl: resuming {run_dir} with the config it was started with", flush=True)
+        results = run_experiment(cfg, run_dir, resume=resume)
     except ConfigError as err:
         print(f"fedcl: configuration error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -8,6 +8,8 @@ from omegaconf import DictConfig
 
 from fedcl.data.scenario import PARTITIONS, check_task_split
 from fedcl.errors import ConfigError
+from fedcl.federation.faults import check_faults
+from fedcl.federation.robust import RULES
 from fedcl.models.backbones import MODELS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -28,6 +30,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"optimizer={cfg.optimizer!r} is unknown. Choose 'sgd' or 'adam'.")
     if str(cfg.device) not in DEVICES:
         raise ConfigError(f"device={cfg.device!r} is unknown. Choose one of {list(DEVICES)}.")
+    if str(cfg.precision) not in ("auto", "fp32"):
+        raise ConfigError(f"precision={cfg.precision!r} is unknown. Choose 'auto' (bf16 on a GPU) or 'fp32'.")
     if cfg.partition.name not in PARTITIONS:
         raise ConfigError(f"partition={cfg.partition.name!r} is unknown. Choose one of {list(PARTITIONS)}.")
     if cfg.model.name not in MODELS:
@@ -35,6 +39,16 @@ def validate(cfg: DictConfig) -> None:
     if float(cfg.ray.client_cpus) <= 0 or float(cfg.ray.client_gpus) < 0:
         raise ConfigError(f"ray.client_cpus={cfg.ray.client_cpus} must be > 0 and "
                           f"ray.client_gpus={cfg.ray.client_gpus} >= 0.")
+    if str(cfg.strategy.robust) not in RULES:
+        raise ConfigError(f"strategy.robust={cfg.strategy.robust!r} is unknown. Choose one of {list(RULES)}.")
+    if not 0.0 <= float(cfg.strategy.trim_fraction) < 0.5:
+        raise ConfigError(f"strategy.trim_fraction={cfg.strategy.trim_fraction} must be in [0, 0.5): "
+                          "the fraction dropped at each end.")
+    ratio = cfg.strategy.max_norm_ratio
+    if ratio is not None and float(ratio) <= 1.0:
+        raise ConfigError(f"strategy.max_norm_ratio={ratio} must be > 1 (or null to turn the norm check off).")
+    if (problem := check_faults(cfg)) is not None:
+        raise ConfigError(problem)
     target = str(cfg.method.get("_target_", ""))
     module, _, cls = target.rpartition(".")
     try:
@@ -52,3 +66,5 @@ def validate_against_data(cfg: DictConfig, num_classes: int) -> None:
         raise ConfigError(f"num_tasks={cfg.num_tasks} is more than the {num_classes} classes of "
                           f"dataset={cfg.dataset.name}; each task needs at least one class.")
     check_task_split(num_classes, int(cfg.num_tasks), base)
+    from fedcl.privacy.settings import privacy_settings  # privacy (issue 6): groups, budgets, calibration
+    privacy_settings(cfg)

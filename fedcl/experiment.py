@@ -71,10 +71,23 @@ def get_experiment(cfg: DictConfig) -> Experiment:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: the GPU Ray assigned to this client if there is one, else the CPU."""
+    """``auto``: the GPU Ray assigned to this client if there is one, else the CPU (outside a Ray
+    worker: any visible GPU)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() and _ray_gave_a_gpu() else "cpu")
     return torch.device(name)
+
+
+def _ray_gave_a_gpu() -> bool:
+    """False in a Ray worker that was given no GPU (``ray.client_gpus=0``): it must not take one
+    that another client holds. True outside Ray workers."""
+    try:
+        import ray
+    except ImportError:
+        return True
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return True
+    return bool(ray.get_gpu_ids())
 
 
 def derive_seed(*parts: int) -> int:

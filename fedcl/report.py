@@ -117,7 +117,7 @@ def _summary_cells(r: dict) -> list[str]:
             f"{r['wall_time_s']:.1f}"]
 
 
-def _table(header, rows) -> str:
+def text_table(header, rows) -> str:
     """Right-aligned columns separated by two spaces, with a dashed rule under the header."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -126,7 +126,7 @@ def _table(header, rows) -> str:
 
 def format_comparison_table(results_list: list[dict]) -> str:
     """One line per run (results.json content), for comparing methods on the same setting."""
-    return _table(COLUMNS, [_summary_cells(r) for r in results_list])
+    return text_table(COLUMNS, [_summary_cells(r) for r in results_list])
 
 
 def format_summary_table(results: dict) -> str:
@@ -134,4 +134,41 @@ def format_summary_table(results: dict) -> str:
     values = _grid(results["accuracy_matrix"])
     grid = [[f"after task {t}"] + ["" if np.isnan(v) else f"{v:.1f}" for v in row] for t, row in enumerate(values)]
     header = ["accuracy %"] + [f"task {j}" for j in range(values.shape[1])]
-    return format_comparison_table([results]) + "\n\n" + _table(header, grid)
+    return format_comparison_table([results]) + "\n\n" + text_table(header, grid)
+
+
+SWEEP_COLUMNS = ("clients", "sampled/round", "final acc %", "forgetting pts", "up MB", "down MB",
+                 "up kB/client-round", "time s")
+
+
+def format_sweep_table(results_list: list[dict]) -> str:
+    """One line per job of a client-count sweep, sorted by the number of clients."""
+    rows = []
+    for r in sorted(results_list, key=lambda r: r["num_clients"]):
+        cfg, comm = r["config"], r["communication"]
+        sampled = max(1, round(float(cfg.get("fraction_train", 1.0)) * r["num_clients"]))
+        rows.append([str(r["num_clients"]), str(sampled), f"{100 * r['final_average_accuracy']:.1f}",
+                     f"{100 * r['forgetting']:.1f}", f"{comm['uplink_bytes'] / 1e6:.2f}",
+                     f"{comm['downlink_bytes'] / 1e6:.2f}", f"{comm['uplink_bytes_per_client_round'] / 1e3:.1f}",
+                     f"{r['wall_time_s']:.1f}"])
+    return text_table(SWEEP_COLUMNS, rows)
+
+
+def plot_sweep(path, results_list: list[dict]) -> None:
+    """PNG with accuracy, forgetting, bytes and wall time against the number of clients (log x)."""
+    runs = sorted(results_list, key=lambda r: r["num_clients"])
+    x = [r["num_clients"] for r in runs]
+    panels = [("final average accuracy (%)", [100 * r["final_average_accuracy"] for r in runs]),
+              ("forgetting (points)", [100 * r["forgetting"] for r in runs]),
+              ("uplink + downlink (MB)", [(r["communication"]["uplink_bytes"] + r["communication"]["downlink_bytes"]) / 1e6
+                                          for r in runs]),
+              ("wall time (s)", [r["wall_time_s"] for r in runs])]
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+    for ax, (label, y) in zip(axes, panels):
+        ax.plot(x, y, marker="o")
+        ax.set_xscale("log")
+        ax.set_xlabel("clients")
+        ax.set_ylabel(label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

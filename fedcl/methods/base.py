@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedcl.federation.robust import current_rule
+
 
 @dataclass
 class ClientRound:
@@ -38,6 +40,8 @@ class ClientRound:
     weight_decay: float
     generator: torch.Generator       # derived from (seed, task, round, client)
     device: torch.device
+    mixed_precision: bool = False    # bf16 autocast (``precision=auto`` on a GPU)
+    shared: object | None = None     # the run's SharedBlobStore: tensors many clients hold identically
 
 
 class Method:
@@ -92,6 +96,10 @@ class Method:
         """The communication rounds of a task, in order."""
         return ["train"] * rounds
 
+    def varies_across_clients(self, key: str) -> bool:
+        """An uplink array whose last dimension may differ between honest clients (screening)."""
+        return False
+
     def samples_everyone(self, task: int, phase: str) -> bool:
         """A round that goes to every client instead of a ``fraction_train`` sample."""
         return False
@@ -116,10 +124,15 @@ class Method:
 
 
 def weighted_mean(replies: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
-    """FedAvg: per-array mean weighted by example counts, in reply order (callers sort it)."""
+    """FedAvg: per-array mean weighted by example counts, in reply order (callers sort it); under
+    ``strategy.robust`` the coordinate-wise median or trimmed mean instead."""
     total = sum(n for _, n in replies)
     if total <= 0:
         raise ValueError("weighted_mean needs at least one reply with examples")
+    rule = current_rule()  # strategy.robust: median / trimmed mean instead of the mean
+    if rule is not None:
+        return {key: rule.combine(np.stack([arrays[key] for arrays, _ in replies])).astype(first.dtype)
+                for key, first in replies[0][0].items()}
     out = {}
     for key, first in replies[0][0].items():
         acc = np.zeros(first.shape, dtype=np.float64)
@@ -134,6 +147,10 @@ def fit(model: nn.Module, rows: np.ndarray, ctx: ClientRound,
         first_class: int = 0) -> None:
     """Plain local SGD on the logits of classes first_class .. seen-1 (all seen by default),
     shuffled by the round's generator."""
+    if getattr(ctx, "dp_sgd", None) is not None:  # privacy (issue 6): record-level DP-SGD with Opacus
+        from fedcl.privacy.dp_sgd import dp_fit
+        dp_fit(model, rows, ctx, extra_loss, first_class)
+        return
     params = [p for p in model.parameters() if p.requires_grad]
     if ctx.optimizer == "adam":  # ViTs from scratch do not train with plain SGD here
         opt = torch.optim.Adam(params, lr=ctx.lr, weight_decay=ctx.weight_decay)
@@ -145,11 +162,12 @@ def fit(model: nn.Module, rows: np.ndarray, ctx: ClientRound,
         for start in range(0, len(rows), ctx.batch_size):
             batch = rows[order[start:start + ctx.batch_size]]
             x, y = ctx.images(batch), ctx.labels(batch)
-            logits = model(x)[:, first_class:ctx.seen_classes]
-            loss = F.cross_entropy(logits, y - first_class)
-            extra = extra_loss(x, logits)
-            if extra is not None:
-                loss = loss + extra
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.mixed_precision):
+                logits = model(x)[:, first_class:ctx.seen_classes]
+                loss = F.cross_entropy(logits, y - first_class)
+                extra = extra_loss(x, logits)
+                if extra is not None:
+                    loss = loss + extra
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
