@@ -25,15 +25,7 @@ class LoRALayer(nn.Module):
         check_rank(base, r)
         self.base = base.requires_grad_(False)
         self.r, self.alpha, self.scaling = int(r), float(alpha), float(alpha) / int(r)
-        if isinstance(base, nn.Conv2d):
-            self.lora_A = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding,
-                                    base.dilation, bias=False)
-            self.lora_B = nn.Conv2d(r, base.out_channels, 1, bias=False)
-        else:
-            self.lora_A = nn.Linear(base.in_features, r, bias=False)
-            self.lora_B = nn.Linear(r, base.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
-        nn.init.zeros_(self.lora_B.weight)
+        self.lora_A, self.lora_B = lora_factors(base, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
@@ -60,6 +52,21 @@ class LoRALayer(nn.Module):
         if self.merged:
             self.base.weight -= self.delta_weight()
             self.merged = False
+
+
+def lora_factors(base: nn.Linear | nn.Conv2d, r: int) -> tuple[nn.Module, nn.Module]:
+    """The (A, B) pair of a rank-r update of ``base``, PEFT-initialised (A Kaiming, B zero).
+    LoRALayer holds one pair; layers with several adapters (DLC's per-task plugins) hold one each."""
+    if isinstance(base, nn.Conv2d):
+        lora_A = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding,
+                           base.dilation, bias=False)
+        lora_B = nn.Conv2d(r, base.out_channels, 1, bias=False)
+    else:
+        lora_A = nn.Linear(base.in_features, r, bias=False)
+        lora_B = nn.Linear(r, base.out_features, bias=False)
+    nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))  # PEFT's default init
+    nn.init.zeros_(lora_B.weight)
+    return lora_A, lora_B
 
 
 def lora_dims(layer: nn.Module) -> tuple[int, int]:
