@@ -278,9 +278,62 @@ def test_local_dp_sgd_trains_every_trainable_parameter_and_accounts_like_opacus(
     assert all(torch.equal(before[k], v) for k, v in model2.state_dict().items())  # did not train
 
 
-def test_local_dp_sgd_rejects_duallora_clearly(make_cfg):
-    with pytest.raises(ConfigError, match="duallora"):
-        privacy_settings(make_cfg(*TINY, *DUAL, "privacy=dp_sgd"))
+def test_local_dp_sgd_rejects_dlc_clearly(make_cfg):
+    with pytest.raises(ConfigError, match="method=dlc"):
+        privacy_settings(make_cfg(*TINY, "method=dlc", "privacy=dp_sgd"))
+
+
+def test_functorch_per_sample_gradients_of_duallora_equal_one_backward_per_sample(make_cfg):
+    import torch
+    import torch.nn.functional as F
+
+    from fedcl.experiment import get_experiment
+    from fedcl.federation.client_app import client_round
+    from fedcl.privacy.dp_sgd import functorch_grad_samples, hooks_cover
+
+    cfg = make_cfg(*TINY, *DUAL)
+    exp = get_experiment(cfg)
+    model = exp.new_model()
+    assert not hooks_cover(model)  # DualLoRA's adapters: ParameterLists Opacus' hooks never see
+    ctx = client_round(cfg, 0, 1, 0)
+    exp.method.set_mode(model, 1, "current")
+    named = {n: p for n, p in model.named_parameters() if n.endswith((".orth_A.1", ".orth_B.1", ".res_C.1", ".res_B.1"))}
+    torch.manual_seed(0)
+    for p in named.values():
+        p.data.normal_(0, 0.1)  # B starts at zero: make every factor's gradient non-trivial
+    rows = ctx.task_rows(1)[:3]
+    x, y = ctx.images(rows), ctx.labels(rows)
+    lo, hi = ctx.first_class, ctx.seen_classes
+    functorch_grad_samples(model, named, x, y, lo, hi)
+    for i in range(3):
+        grads = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1])[:, lo:hi], y[i:i + 1] - lo), list(named.values()))
+        for (n, p), g in zip(named.items(), grads):
+            assert torch.allclose(p.grad_sample[i], g, atol=1e-6), n
+
+
+def test_local_dp_sgd_on_duallora_trains_only_the_current_lora_parameters(make_cfg):
+    import math
+
+    from fedcl.experiment import get_experiment
+    from fedcl.federation.client_app import client_round
+    from fedcl.privacy.client_dp import begin_round
+
+    cfg = make_cfg(*TINY, *DUAL, "privacy=dp_sgd", "privacy.dp_sgd.noise_multiplier=1.1", "batch_size=16",
+                   "local_epochs=1")
+    exp = get_experiment(cfg)
+    model = exp.new_model()
+    received = exp.method.init_global(model)
+    ctx, state = client_round(cfg, 0, 1, 0), {}  # task 1: the adapters' session
+    assert begin_round(cfg, ctx, state)
+    rows = ctx.task_rows(1)
+    exp.method.client_update(model, ctx, state)
+    moved = {n for n, p in model.named_parameters() if not np.allclose(p.detach().numpy(), received[n])}
+    adapters = {n for n in moved if n.endswith((".orth_A.1", ".orth_B.1", ".res_C.1", ".res_B.1"))}
+    assert adapters and moved - adapters <= {"head.weight", "head.bias"}
+    q, steps = min(1.0, 16 / len(rows)), math.ceil(len(rows) / 16)
+    assert ctx.dp_sgd_taken == (q, steps, False)
+    out, metrics = privatize_payload(cfg, ctx, received, exp.method.payload(model, ctx), state, len(rows), exp.method)
+    assert metrics["dpsgd-epsilon"] == pytest.approx(opacus_epsilon(RDPAccountant, [(1.1, q, steps)], 1e-5), rel=1e-9)
 
 
 def test_cli_rejects_a_bad_privacy_config_without_traceback(tmp_path):

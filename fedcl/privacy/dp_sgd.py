@@ -9,10 +9,11 @@ in its state (conservatively: records of different tasks are disjoint, parallel 
 would allow less); with ``dp_sgd.target_epsilon`` a client that cannot afford a round's steps
 does not train.
 
-Supported: methods that train through ``fedcl.methods.base.fit`` with layers Opacus has
-per-sample gradients for (Linear, Conv2d, GroupNorm, LayerNorm, ... and the Linear/Conv2d-based
-``LoRALayer``). DualLoRA's adapters are raw ``nn.Parameter`` lists that no module's forward owns,
-so Opacus cannot give them per-sample gradients: that combination is rejected with a clear error.
+Supported: methods that train through ``fedcl.methods.base.fit``. Per-sample gradients come from
+Opacus' hooks where they reach every trainable parameter (Linear, Conv2d, GroupNorm, LayerNorm,
+... and the Linear/Conv2d-based ``LoRALayer``), else from torch.func (vmap over grad of the
+per-sample loss): DualLoRA's adapters live in ParameterLists that Opacus' hooks never see. Either
+way Opacus' ``DPOptimizer`` clips, sums and noises them, and Opacus' accountant counts the steps.
 """
 from __future__ import annotations
 
@@ -51,13 +52,38 @@ def affordable(dp: DPSGD, history: list, num_rows: int, batch_size: int, local_e
 
 
 def check_supported(method) -> None:
-    from fedcl.methods.duallora import DualLoRA
+    """DP-SGD needs the method to train through ``fit``; DLC's two-path step does not."""
+    from fedcl.methods.dlc import DLC
 
-    if isinstance(method, DualLoRA):
-        raise ConfigError("privacy.local_dp_sgd=true does not support method=duallora: its adapters are "
-                          "raw nn.Parameter lists that Opacus cannot give per-sample gradients. Use "
-                          "client-level DP (privacy=client_dp) for DualLoRA, or DP-SGD with finetune/"
-                          "replay/lwf/joint.")
+    if isinstance(method, DLC):
+        raise ConfigError("privacy.local_dp_sgd=true does not support method=dlc: its step trains the base "
+                          "and the plugin path with two separate gradients, not Opacus' DP-SGD. Use "
+                          "client-level DP (privacy=client_dp) for DLC.")
+
+
+def hooks_cover(model: torch.nn.Module) -> bool:
+    """True when every trainable parameter belongs to a module whose forward uses it, so Opacus'
+    hooks see it; DualLoRA keeps its adapters in ParameterLists (no forward of their own)."""
+    return not any(isinstance(m, torch.nn.ParameterList) and any(p.requires_grad for p in m.parameters())
+                   for m in model.modules())
+
+
+def functorch_grad_samples(model, params: dict[str, torch.nn.Parameter], x, y, first_class: int,
+                           seen_classes: int) -> None:
+    """Per-sample gradients of the cross-entropy with torch.func (vmap over grad), stored as
+    ``p.grad_sample`` for Opacus' ``DPOptimizer`` to clip, sum and noise as it does its own."""
+    from torch.func import functional_call, grad, vmap
+
+    buffers = dict(model.named_buffers())
+
+    def loss_one(p, xi, yi):
+        logits = functional_call(model, {**p, **buffers}, (xi.unsqueeze(0),))[:, first_class:seen_classes]
+        return F.cross_entropy(logits, yi.unsqueeze(0) - first_class)
+
+    detached = {n: q.detach() for n, q in params.items()}
+    grads = vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="different")(detached, x, y)
+    for n, q in params.items():
+        q.grad_sample = grads[n]
 
 
 def dp_fit(model: torch.nn.Module, rows: np.ndarray, ctx, extra_loss, first_class: int = 0) -> tuple[float, int]:
@@ -74,7 +100,9 @@ def dp_fit(model: torch.nn.Module, rows: np.ndarray, ctx, extra_loss, first_clas
     if not steps or not params:
         ctx.dp_sgd_taken = (q, 0, False)
         return q, 0
-    gsm = GradSampleModule(model)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    hooks = hooks_cover(model)
+    gsm = GradSampleModule(model) if hooks else model
     if ctx.optimizer == "adam":
         base = torch.optim.Adam(params, lr=ctx.lr, weight_decay=ctx.weight_decay)
     else:
@@ -87,7 +115,14 @@ def dp_fit(model: torch.nn.Module, rows: np.ndarray, ctx, extra_loss, first_clas
             picked = (torch.rand(len(rows), generator=ctx.generator) < q).numpy()  # Poisson sampling
             batch = rows[picked]
             opt.zero_grad(set_to_none=True)
-            if len(batch):
+            if len(batch) and not hooks:  # per-sample gradients with torch.func (DualLoRA)
+                x, y = ctx.images(batch), ctx.labels(batch)
+                with torch.no_grad():
+                    if extra_loss(x, model(x)[:, first_class:ctx.seen_classes]) is not None:
+                        raise ConfigError("privacy.local_dp_sgd: this method adds a loss term that the "
+                                          "per-sample (torch.func) DP-SGD path does not cover.")
+                functorch_grad_samples(model, named, x, y, first_class, ctx.seen_classes)
+            elif len(batch):
                 x, y = ctx.images(batch), ctx.labels(batch)
                 logits = gsm(x)[:, first_class:ctx.seen_classes]
                 loss = F.cross_entropy(logits, y - first_class)
@@ -100,6 +135,7 @@ def dp_fit(model: torch.nn.Module, rows: np.ndarray, ctx, extra_loss, first_clas
                     p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
             opt.step()
     finally:
-        gsm._close()
+        if hooks:
+            gsm._close()
     ctx.dp_sgd_taken = (q, steps, False)
     return q, steps
