@@ -165,31 +165,16 @@ def test_config_errors_are_clear(make_cfg):
 
 def test_dlc_simulation_sends_only_plugins_weighting_and_head_rows_after_the_freeze(tmp_path, make_cfg):
     """A real Flower simulation; a recording grid inspects every message's arrays."""
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
-
-    from fedcl.federation.client_app import make_client_app
-    from fedcl.federation.server_app import run_server
-    from fedcl.federation.simulation import backend_config
-    from tests.test_simulation import RecordingGrid
+    from tests.test_simulation import recorded_simulation
 
     cfg = make_cfg("method=dlc", "dataset=digits", "num_clients=3", "num_tasks=2", "rounds_per_task=2",
                    "local_epochs=2", "ray.num_cpus=2", "progress=false", "method.freeze_base_after=0",
                    "method.stages=[3,7]", "method.rank=8")
     exp = get_experiment(cfg)
     base_keys = {k for k in exp.new_model().state_dict() if is_base(k)}
-    app, grids = ServerApp(), []
-
-    @app.main()
-    def _main(grid, context):
-        grids.append(RecordingGrid(grid))
-        run_server(grids[0], cfg, str(tmp_path))
-
-    run_simulation(app, make_client_app(cfg, str(tmp_path)), num_supernodes=3, backend_config=backend_config(cfg))
-    results = json.loads((tmp_path / "results.json").read_text())
+    results, log = recorded_simulation(cfg, tmp_path)
     assert [r["phase"] for r in results["communication"]["per_round"]] == \
         ["train", "train", "base_end", "train", "train"]
-    log = grids[0].log
     task_of_reply = {}
     for direction, node, task, keys in log:
         if direction == "down":

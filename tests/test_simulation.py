@@ -52,28 +52,34 @@ class RecordingGrid:
         return replies
 
 
-def test_duallora_sends_only_lora_bases_and_head_rows_after_the_base_session(tmp_path, make_cfg):
+def recorded_simulation(cfg, run_dir) -> tuple[dict, list]:
+    """Run a real Flower simulation of ``cfg`` through a RecordingGrid: (results.json, message log)."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from fedcl.experiment import get_experiment
     from fedcl.federation.client_app import make_client_app
     from fedcl.federation.server_app import run_server
     from fedcl.federation.simulation import backend_config
 
-    cfg = make_cfg(*TINY, "method=duallora", "local_epochs=3", "model.depth=2", "model.embed_dim=32")
-    exp = get_experiment(cfg)
-    backbone = {k for k in exp.new_model().state_dict() if exp.method.is_backbone(k)}
     app, grids = ServerApp(), []
 
     @app.main()
     def _main(grid, context):
         grids.append(RecordingGrid(grid))
-        run_server(grids[0], cfg, str(tmp_path))
+        run_server(grids[0], cfg, str(run_dir))
 
-    run_simulation(app, make_client_app(cfg, str(tmp_path)), num_supernodes=3, backend_config=backend_config(cfg))
-    log = grids[0].log
-    results = json.loads((tmp_path / "results.json").read_text())
+    run_simulation(app, make_client_app(cfg, str(run_dir)), num_supernodes=int(cfg.num_clients),
+                   backend_config=backend_config(cfg))
+    return json.loads((run_dir / "results.json").read_text()), grids[0].log
+
+
+def test_duallora_sends_only_lora_bases_and_head_rows_after_the_base_session(tmp_path, make_cfg):
+    from fedcl.experiment import get_experiment
+
+    cfg = make_cfg(*TINY, "method=duallora", "local_epochs=3", "model.depth=2", "model.embed_dim=32")
+    exp = get_experiment(cfg)
+    backbone = {k for k in exp.new_model().state_dict() if exp.method.is_backbone(k)}
+    results, log = recorded_simulation(cfg, tmp_path)
     assert [r["phase"] for r in results["communication"]["per_round"]] == \
         ["train", "train", "basis_end", "basis_start", "train", "train", "basis_end"]
     assert results["accuracy_matrix"][0][0] > 0.5  # the base session learned task 0 (chance: 0.2)

@@ -25,6 +25,15 @@ AGGREGATIONS = ("fedit", "ffa", "stacked")
 Factors = tuple[np.ndarray, np.ndarray]  # (A: r x in, B: out x r), 2-D
 
 
+def check_scheme(name: str) -> str:
+    """``strategy.lora_aggregation`` if it names a scheme; a ConfigError saying the choices if not."""
+    from fedcl.errors import ConfigError
+
+    if name not in AGGREGATIONS:
+        raise ConfigError(f"strategy.lora_aggregation={name!r} is unknown. Choose one of {list(AGGREGATIONS)}.")
+    return name
+
+
 def aggregate_lora(clients: list[Factors], weights: list[float], scheme: str) -> Factors:
     if scheme not in AGGREGATIONS:
         raise ValueError(f"strategy.lora_aggregation={scheme!r} is unknown. Choose one of {list(AGGREGATIONS)}.")

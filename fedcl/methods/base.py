@@ -151,26 +151,39 @@ def fit(model: nn.Module, rows: np.ndarray, ctx: ClientRound,
         from fedcl.privacy.dp_sgd import dp_fit
         dp_fit(model, rows, ctx, extra_loss, first_class)
         return
-    params = [p for p in model.parameters() if p.requires_grad]
-    if ctx.optimizer == "adam":  # ViTs from scratch do not train with plain SGD here
-        opt = torch.optim.Adam(params, lr=ctx.lr, weight_decay=ctx.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=ctx.lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay)
+    opt = local_optimizer([p for p in model.parameters() if p.requires_grad], ctx)
     model.train()
+    for x, y in local_batches(rows, ctx):
+        with autocast(ctx):
+            logits = model(x)[:, first_class:ctx.seen_classes]
+            loss = F.cross_entropy(logits, y - first_class)
+            extra = extra_loss(x, logits)
+            if extra is not None:
+                loss = loss + extra
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def local_optimizer(params: list[torch.nn.Parameter], ctx: ClientRound) -> torch.optim.Optimizer:
+    """The client's optimiser from the config: Adam, or SGD with momentum."""
+    if ctx.optimizer == "adam":  # ViTs from scratch do not train with plain SGD here
+        return torch.optim.Adam(params, lr=ctx.lr, weight_decay=ctx.weight_decay)
+    return torch.optim.SGD(params, lr=ctx.lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay)
+
+
+def local_batches(rows: np.ndarray, ctx: ClientRound):
+    """(images, labels) batches over ``local_epochs`` epochs, shuffled by the round's generator."""
     for _ in range(ctx.local_epochs):
         order = torch.randperm(len(rows), generator=ctx.generator).numpy()
         for start in range(0, len(rows), ctx.batch_size):
             batch = rows[order[start:start + ctx.batch_size]]
-            x, y = ctx.images(batch), ctx.labels(batch)
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.mixed_precision):
-                logits = model(x)[:, first_class:ctx.seen_classes]
-                loss = F.cross_entropy(logits, y - first_class)
-                extra = extra_loss(x, logits)
-                if extra is not None:
-                    loss = loss + extra
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            yield ctx.images(batch), ctx.labels(batch)
+
+
+def autocast(ctx: ClientRound):
+    """bf16 autocast when the round trains with mixed precision (``precision=auto`` on a GPU)."""
+    return torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.mixed_precision)
 
 
 @torch.no_grad()

@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedcl.errors import ConfigError
-from fedcl.federation.lora_aggregation import AGGREGATIONS, aggregate_lora
-from fedcl.methods.base import ClientRound, Method, weighted_mean
+from fedcl.federation.lora_aggregation import aggregate_lora, check_scheme
+from fedcl.methods.base import ClientRound, Method, autocast, local_batches, local_optimizer, weighted_mean
 from fedcl.methods.lwf import LwF
 from fedcl.methods.replay import Replay
 from fedcl.models.dlc_plugins import DLCNet, resolve_stages
@@ -100,10 +100,7 @@ class DLC(Method):
                               "use model=small_cnn or model=resnet18 (not model=vit).")
         self.num_tasks, self.starts = num_tasks, list(task_starts)
         self.model_name = str(cfg.model.name)
-        self.lora_aggregation = str(cfg.strategy.lora_aggregation)
-        if self.lora_aggregation not in AGGREGATIONS:
-            raise ConfigError(f"strategy.lora_aggregation={self.lora_aggregation!r} is unknown. "
-                              f"Choose one of {list(AGGREGATIONS)}.")
+        self.lora_aggregation = check_scheme(str(cfg.strategy.lora_aggregation))
         never = self.freeze_base_after is None
         self.last_base_task = num_tasks - 1 if never else min(self.freeze_base_after, num_tasks - 1)
         self.base_session_tasks = self.last_base_task + 1
@@ -168,44 +165,34 @@ class DLC(Method):
     def local_train(self, model: DLCNet, rows: np.ndarray, ctx: ClientRound, state: dict, frozen: bool) -> None:
         base_params = [p for n, p in model.named_parameters() if p.requires_grad and is_base(n)]
         dlc_params = [p for n, p in model.named_parameters() if p.requires_grad and is_dlc_part(n)]
-        params = base_params + dlc_params
-        if ctx.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=ctx.lr, weight_decay=ctx.weight_decay)
-        else:
-            opt = torch.optim.SGD(params, lr=ctx.lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay)
+        opt = local_optimizer(base_params + dlc_params, ctx)
         lo, hi = self.head_rows(ctx.task)
         mask = torch.zeros(model.dlc_head.out_features, 1, device=ctx.device)
         mask[lo:hi] = 1
         hooks = [model.dlc_head.weight.register_hook(lambda g: g * mask),
                  model.dlc_head.bias.register_hook(lambda g: g * mask[:, 0])]
         seen = ctx.seen_classes
-        autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16,
-                                  enabled=bool(getattr(ctx, "mixed_precision", False)))
         model.train()
-        for _ in range(ctx.local_epochs):
-            order = torch.randperm(len(rows), generator=ctx.generator).numpy()
-            for start in range(0, len(rows), ctx.batch_size):
-                batch = rows[order[start:start + ctx.batch_size]]
-                x, y = ctx.images(batch), ctx.labels(batch)
-                opt.zero_grad(set_to_none=True)
-                if base_params:  # the base method's own step, on the plain path
-                    model.mode = "plain"
-                    with autocast:
-                        logits = model(x)[:, :seen]
-                        loss = F.cross_entropy(logits, y)
-                        extra = self.base.extra_loss(model, x, logits, ctx, state)
-                    (loss if extra is None else loss + extra).backward()
-                model.mode = "dlc"
-                with autocast:
-                    loss = self.plugin_loss(model, x, y, ctx, state, frozen)
-                if base_params:  # the plugin path's gradient stops at the base
-                    grads = torch.autograd.grad(loss, dlc_params, allow_unused=True)
-                    for p, g in zip(dlc_params, grads):
-                        if g is not None:
-                            p.grad = g if p.grad is None else p.grad + g
-                else:
-                    loss.backward()
-                opt.step()
+        for x, y in local_batches(rows, ctx):
+            opt.zero_grad(set_to_none=True)
+            if base_params:  # the base method's own step, on the plain path
+                model.mode = "plain"
+                with autocast(ctx):
+                    logits = model(x)[:, :seen]
+                    loss = F.cross_entropy(logits, y)
+                    extra = self.base.extra_loss(model, x, logits, ctx, state)
+                (loss if extra is None else loss + extra).backward()
+            model.mode = "dlc"
+            with autocast(ctx):
+                loss = self.plugin_loss(model, x, y, ctx, state, frozen)
+            if base_params:  # the plugin path's gradient stops at the base
+                grads = torch.autograd.grad(loss, dlc_params, allow_unused=True)
+                for p, g in zip(dlc_params, grads):
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad + g
+            else:
+                loss.backward()
+            opt.step()
         for h in hooks:
             h.remove()
         model.mode = "dlc"

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedcl.errors import ConfigError
-from fedcl.federation.lora_aggregation import AGGREGATIONS, aggregate_lora
+from fedcl.federation.lora_aggregation import aggregate_lora, check_scheme
 from fedcl.methods.base import ClientRound, Method, fit, weighted_mean
 from fedcl.models.dual_lora import DualLoRALinear
 from fedcl.models.lora import inject_lora
@@ -71,11 +71,8 @@ class DualLoRA(Method):
         if cfg.model.name != "vit":
             raise ConfigError(f"method=duallora adapts a ViT's attention; set model=vit (not model={cfg.model.name}).")
         self.num_tasks, self.starts = num_tasks, list(task_starts)
-        self.lora_aggregation = str(cfg.strategy.lora_aggregation)
+        self.lora_aggregation = check_scheme(str(cfg.strategy.lora_aggregation))
         self.basis_aggregation = str(cfg.strategy.basis_aggregation)
-        if self.lora_aggregation not in AGGREGATIONS:
-            raise ConfigError(f"strategy.lora_aggregation={self.lora_aggregation!r} is unknown. "
-                              f"Choose one of {list(AGGREGATIONS)}.")
         if self.basis_aggregation not in BASIS_AGGREGATIONS:
             raise ConfigError(f"strategy.basis_aggregation={self.basis_aggregation!r} is unknown. "
                               f"Choose one of {list(BASIS_AGGREGATIONS)}.")

@@ -91,6 +91,8 @@ def dp_fit(model: torch.nn.Module, rows: np.ndarray, ctx, extra_loss, first_clas
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
+    from fedcl.methods.base import local_optimizer
+
     dp: DPSGD = ctx.dp_sgd
     q, steps = round_plan(len(rows), ctx.batch_size, ctx.local_epochs)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -103,10 +105,7 @@ def dp_fit(model: torch.nn.Module, rows: np.ndarray, ctx, extra_loss, first_clas
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     hooks = hooks_cover(model)
     gsm = GradSampleModule(model) if hooks else model
-    if ctx.optimizer == "adam":
-        base = torch.optim.Adam(params, lr=ctx.lr, weight_decay=ctx.weight_decay)
-    else:
-        base = torch.optim.SGD(params, lr=ctx.lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay)
+    base = local_optimizer(params, ctx)
     opt = DPOptimizer(base, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
                       expected_batch_size=max(1, int(round(q * len(rows)))))
     model.train()
