@@ -62,10 +62,10 @@ def check_supported(method) -> None:
 
 
 def hooks_cover(model: torch.nn.Module) -> bool:
-    """True when every trainable parameter belongs to a module whose forward uses it, so Opacus'
-    hooks see it; DualLoRA keeps its adapters in ParameterLists (no forward of their own)."""
-    return not any(isinstance(m, torch.nn.ParameterList) and any(p.requires_grad for p in m.parameters())
-                   for m in model.modules())
+    """True when Opacus' hooks can give every trainable parameter its per-sample gradient. DualLoRA
+    keeps its adapters in ParameterLists (no forward of their own), and its ViT keeps raw
+    parameters (class token, positions) in the model itself: torch.func does those models."""
+    return not any(isinstance(m, torch.nn.ParameterList) for m in model.modules())
 
 
 def functorch_grad_samples(model, params: dict[str, torch.nn.Parameter], x, y, first_class: int,
