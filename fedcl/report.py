@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _atomic_write(path: str | os.PathLike, text: str) -> None:
+def atomic_write(path: str | os.PathLike, text: str) -> None:
     """Write a temp file beside ``path`` then rename: a killed run never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +40,7 @@ def _default(obj):
 
 def write_json(path, obj) -> None:
     """results.json: indented, numpy-aware, atomic (serialised before the file is touched)."""
-    _atomic_write(path, json.dumps(obj, indent=2, default=_default) + "\n")
+    atomic_write(path, json.dumps(obj, indent=2, default=_default) + "\n")
 
 
 def write_metrics_csv(path, rows: list[dict]) -> None:
@@ -53,7 +53,7 @@ def write_metrics_csv(path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=header)
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def _grid(matrix) -> np.ndarray:

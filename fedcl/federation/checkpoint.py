@@ -10,7 +10,6 @@ back to its state before that round.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,28 +17,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedcl.errors import ConfigError
+from fedcl.federation.store import atomic_save
+from fedcl.report import atomic_write
 
 FOLDER = "checkpoint"
 
 
-def _atomic_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_config(run_dir: str | os.PathLike, cfg: DictConfig) -> None:
-    folder = Path(run_dir) / FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".config.yaml.", suffix=".tmp", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        f.write(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, folder / "config.yaml")
+    atomic_write(Path(run_dir) / FOLDER / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def load_config(run_dir: str | os.PathLike) -> DictConfig:
@@ -53,10 +38,8 @@ def load_config(run_dir: str | os.PathLike) -> DictConfig:
 
 def save(run_dir: str | os.PathLike, state: dict) -> None:
     """``state``: the server loop's variables after a completed round."""
-    folder = Path(run_dir) / FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
     state = {**state, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
-    _atomic_save(state, folder / "server.pt")
+    atomic_save(state, Path(run_dir) / FOLDER / "server.pt")
 
 
 def load(run_dir: str | os.PathLike) -> dict | None:

@@ -18,9 +18,23 @@ from pathlib import Path
 import torch
 
 
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temp file beside ``path``, then rename: a killed run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 class ClientStateStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self._stamps: dict[int, int | None] = {}  # round of each client's current file, as load saw it
 
     def path(self, client: int, previous: bool = False) -> Path:
         return self.root / f"client_{client:06d}{'.prev' if previous else ''}.pt"
@@ -33,23 +47,27 @@ class ClientStateStore:
 
     def load(self, client: int, before_round: int | None = None) -> dict:
         """The client's latest state produced before global round ``before_round`` (any, if None)."""
-        for previous in (False, True):
-            saved = self._read(self.path(client, previous))
-            if saved is not None and (before_round is None or saved[0] < before_round):
-                return saved[1]
+        current = self._read(self.path(client))
+        self._stamps[client] = None if current is None else current[0]
+        if current is not None and (before_round is None or current[0] < before_round):
+            return current[1]
+        previous = self._read(self.path(client, previous=True))
+        if previous is not None and (before_round is None or previous[0] < before_round):
+            return previous[1]
         return {}
 
     def save(self, client: int, state: dict, round: int = 0) -> None:
         """Save the state produced in global round ``round``; the older version becomes ``.prev``."""
-        self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(client)
-        current = self._read(path)
-        if current is not None and current[0] < round:
+        if client in self._stamps:  # load read the current file already: no second read
+            stamp = self._stamps[client]
+        else:
+            current = self._read(path)
+            stamp = None if current is None else current[0]
+        if stamp is not None and stamp < round:
             os.replace(path, self.path(client, previous=True))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.root)
-        os.close(fd)
-        torch.save({"round": int(round), "state": state}, tmp)
-        os.replace(tmp, path)
+        atomic_save({"round": int(round), "state": state}, path)
+        self._stamps[client] = int(round)
 
 
 class SharedBlobStore:
@@ -75,11 +93,7 @@ class SharedBlobStore:
         name = digest.hexdigest()[:32]
         path = self.root / f"{name}.pt"
         if not path.exists():
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.root)
-            os.close(fd)
-            torch.save({k: v.detach().cpu().clone() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, path)
+            atomic_save({k: v.detach().cpu().clone() for k, v in tensors.items()}, path)
         return name
 
     def get(self, name: str) -> dict[str, torch.Tensor]:
