@@ -55,19 +55,19 @@ def client_step(cfg: DictConfig, run_dir: str, client: int, conf: dict,
     ctx.shared = SharedBlobStore(f"{run_dir}/shared")
     torch.manual_seed(derive_seed(ctx.seed, task, rnd, client, 1))
     started = time.monotonic()
-    nothing = None, {"num-examples": 0, "client": client}
+    idle = {"num-examples": 0, "client": client}  # the metrics of a client that sends nothing
 
     fault = str(conf.get("fault", ""))  # faults.*: the server's instruction to misbehave
     global_round = int(conf.get("global-round", 0))
     if not faults.act_before_training(fault):
-        return None, {**nothing[1], "arrival-s": math.inf}  # dropped: its reply never arrives
+        return None, {**idle, "arrival-s": math.inf}  # dropped: its reply never arrives
 
     model = exp.new_model().to(ctx.device)
     exp.method.load_payload(model, received)
     store = ClientStateStore(f"{run_dir}/client_state")
     state = store.load(client, before_round=global_round)
     if not begin_round(cfg, ctx, state):  # privacy (issue 6): budget spent -> no training, no data sent
-        return nothing
+        return None, idle
     num_examples = exp.method.client_update(model, ctx, state)
     # privacy (issue 6): clip + noise what leaves the client; its accountant lives in `state`
     private, dp_metrics = privatize_payload(cfg, ctx, received, exp.method.payload(model, ctx), state,

@@ -35,8 +35,7 @@ def check_scheme(name: str) -> str:
 
 
 def aggregate_lora(clients: list[Factors], weights: list[float], scheme: str) -> Factors:
-    if scheme not in AGGREGATIONS:
-        raise ValueError(f"strategy.lora_aggregation={scheme!r} is unknown. Choose one of {list(AGGREGATIONS)}.")
+    check_scheme(scheme)
     w = np.asarray(weights, dtype=np.float64)
     w = w / w.sum()
     A = np.stack([a for a, _ in clients]).astype(np.float64)

@@ -123,7 +123,8 @@ def play_round(grid: Grid, cfg: DictConfig, exp: Experiment, model: torch.nn.Mod
     t0 = time.monotonic()
     sampled = (list(range(int(cfg.num_clients))) if method.samples_everyone(task, phase)
                else sample_clients(cfg, task, rnd))
-    sampled = ledger_of(run, cfg).admit(sampled, task, rnd, phase)  # privacy (issue 6): exhausted clients stop
+    ledger = ledger_of(run, cfg)  # privacy (issue 6): per-client accountants
+    sampled = ledger.admit(sampled, task, rnd, phase)  # exhausted clients stop
     plan = fault_plan(cfg, task, rnd, sampled)
     exchange_started = time.monotonic()  # the federation's share: encode, send, train, reply, decode
     msgs = [Message(RecordDict({"arrays": to_record(method.downlink(run["global"], task, phase, c)),
@@ -148,7 +149,7 @@ def play_round(grid: Grid, cfg: DictConfig, exp: Experiment, model: torch.nn.Mod
             failures.append((client, "timeout", "no reply (the client dropped out)"))
             continue
         up += content_bytes(reply.content)
-        ledger_of(run, cfg).observe(task, reply.content)  # privacy (issue 6): per-client accountants
+        ledger.observe(task, reply.content)
         if arrival > deadline:
             failures.append((client, "timeout", f"reply arrived after {arrival:.1f}s > faults.deadline_s={deadline:g}"))
             continue
@@ -160,7 +161,7 @@ def play_round(grid: Grid, cfg: DictConfig, exp: Experiment, model: torch.nn.Mod
     ratio = cfg.strategy.max_norm_ratio
     accepted, rejected = screen(sorted(candidates, key=lambda r: r[0]), run["global"],
                                 float(ratio) if ratio is not None else float("inf"),
-                                method.varies_across_clients, small_rounds=not ledger_of(run, cfg).noisy_updates)
+                                method.varies_across_clients, small_rounds=not ledger.noisy_updates)
     failures = sorted(failures + rejected, key=lambda f: f[0])
     if accepted:  # in client order: the float sum does not depend on which worker finished first
         with robust_aggregation(str(cfg.strategy.robust), float(cfg.strategy.trim_fraction)):
@@ -177,7 +178,7 @@ def play_round(grid: Grid, cfg: DictConfig, exp: Experiment, model: torch.nn.Mod
            **{f"acc_task_{j}": a for j, a in enumerate(per_task)},
            "uplink_bytes": up, "downlink_bytes": down, "exchange_s": exchange_s,
            "round_time_s": time.monotonic() - t0,
-           **ledger_of(run, cfg).end_round(task)}  # privacy (issue 6): eps_max, eps_mean, clients_exhausted
+           **ledger.end_round(task)}  # privacy (issue 6): eps_max, eps_mean, clients_exhausted
     return row, per_task
 
 
@@ -192,18 +193,18 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: str, resume: bool = False) 
     out.mkdir(parents=True, exist_ok=True)
     exp = get_experiment(cfg)
     method = exp.method
+    # one copy of the plain model (backbone + head) as FedAvg would send it
+    full_model_bytes = content_bytes(RecordDict({"m": to_record(exp.new_model(prepared=False).state_dict())}))
+    model = exp.new_model()  # the server's model: initial state here, then rebuilt from the global arrays
     run = checkpoint.load(out) if resume else None
     if run is None:
         for folder in ("client_state", "shared"):  # a new run starts from fresh clients
             shutil.rmtree(out / folder, ignore_errors=True)
-        run = fresh_run(method, exp.new_model())
+        run = fresh_run(method, model)
         checkpoint.save_config(out, cfg)
     elif cfg.progress:
         print(f"resuming {out} after global round {len(run['rows'])}", flush=True)
-    # one copy of the plain model (backbone + head) as FedAvg would send it
-    full_model_bytes = content_bytes(RecordDict({"m": to_record(exp.new_model(prepared=False).state_dict())}))
     nodes = register_clients(grid, int(cfg.num_clients))
-    model = exp.new_model()  # the server's evaluation model, rebuilt from the global arrays
 
     T, R = int(cfg.num_tasks), int(cfg.rounds_per_task)
     global_round = 0
