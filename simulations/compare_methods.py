@@ -9,10 +9,9 @@ Each run goes through the `fedcl` entry point (one Ray session per run) into
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 from pathlib import Path
+
+from fedcl_runs import run_fedcl
 
 from fedcl.report import format_comparison_table
 
@@ -26,12 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     results = []
     for method in args.methods.split(","):
-        run_dir = Path(args.out) / method
-        cmd = [sys.executable, "-m", "fedcl.cli", f"method={method}", f"hydra.run.dir={run_dir}",
-               *args.overrides, *(["progress=false"] if args.quiet else [])]
-        print("$ fedcl " + " ".join(cmd[3:]), flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if args.quiet else None)
-        results.append(json.loads((run_dir / "results.json").read_text()))
+        results.append(run_fedcl([f"method={method}", *args.overrides], Path(args.out) / method, args.quiet))
     table = format_comparison_table(results)
     print("\n" + table)
     (Path(args.out) / "comparison.md").write_text("```\n" + table + "\n```\n")

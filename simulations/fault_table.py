@@ -10,12 +10,11 @@ run) is printed and written to <out>/faults.md.
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
+
+from fedcl_runs import run_fedcl
 
 from fedcl.report import text_table
 
@@ -38,15 +37,10 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep runs that already have a results.json")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
     args = parser.parse_args()
-    base = ["method=replay", "progress=false", *args.overrides]
     rows, clean = [], None
     for name in args.scenarios.split(","):
         run_dir = Path(args.out) / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-        cmd = [sys.executable, "-m", "fedcl.cli", *base, *SCENARIOS[name], f"hydra.run.dir={run_dir}"]
-        if not (args.reuse and (run_dir / "results.json").exists()):
-            print("$ fedcl " + " ".join(cmd[3:]), flush=True)
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        r = json.loads((run_dir / "results.json").read_text())
+        r = run_fedcl(["method=replay", *args.overrides, *SCENARIOS[name]], run_dir, reuse=args.reuse)
         acc = 100 * r["final_average_accuracy"]
         clean = acc if name == "clean" else clean
         kinds = Counter(f["kind"] for f in r["failures"])

@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+from fedcl_runs import run_fedcl
 
 from fedcl.report import plt, text_table
 
@@ -44,16 +42,8 @@ def merged(*lists: list[str]) -> list[str]:
 
 
 def run(out: Path, name: str, overrides: list[str], quiet: bool) -> dict:
-    run_dir = out / name
-    if not (run_dir / "results.json").exists():
-        cmd = [sys.executable, "-m", "fedcl.cli", f"hydra.run.dir={run_dir}", *overrides,
-               *(["progress=false"] if quiet else [])]
-        print("$ fedcl " + " ".join(cmd[3:]), flush=True)
-        # RAY_ADDRESS=local: a fresh Ray per run even if another Ray cluster runs on this machine
-        # (ray.init would otherwise try to join it); ray.address=... in the overrides still wins
-        env = {**os.environ, "RAY_ADDRESS": os.environ.get("RAY_ADDRESS", "local")}
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if quiet else None, env=env)
-    return json.loads((run_dir / "results.json").read_text())
+    """One run of the sweep into <out>/<name>/ (kept if it already finished)."""
+    return run_fedcl(overrides, out / name, quiet, reuse=True)
 
 
 def group_stats(privacy: dict, ids: list[int]) -> dict:
