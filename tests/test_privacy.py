@@ -1,4 +1,4 @@
-"""Per-client privacy (issue 6): accounting equals Opacus', clipping bounds updates, budgets stop
+"""Per-client privacy: accounting equals Opacus', clipping bounds updates, budgets stop
 clients, the membership-inference audit sees less as noise grows, and a real Flower run reports it."""
 import json
 

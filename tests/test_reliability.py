@@ -1,4 +1,4 @@
-"""Faults, screening, robust aggregation, checkpoints and resume (issue 7)."""
+"""Faults, screening, robust aggregation rules, checkpoints and resume."""
 import json
 import os
 import signal
@@ -14,8 +14,8 @@ from fedcl.cli import run_experiment
 from fedcl.config import validate
 from fedcl.errors import ConfigError
 from fedcl.federation.faults import corrupt, fault_plan
+from fedcl.aggregation.rules import Krum, Median, TrimmedMean
 from fedcl.federation.lora_aggregation import aggregate_lora
-from fedcl.federation.robust import robust_aggregation
 from fedcl.federation.screening import screen
 from fedcl.federation.store import ClientStateStore
 from fedcl.methods.base import weighted_mean
@@ -35,7 +35,8 @@ def test_fault_plan_is_seeded_and_gives_each_kind_its_fraction(make_cfg):
     (("faults.dropout=0.1",), "faults.deadline_s"),
     (("faults.crash=0.7", "faults.corrupt=0.5"), "sum to at most 1"),
     (("faults.corrupt_kinds=[nan,bits]",), "corrupt_kinds"),
-    (("strategy.robust=mean",), "strategy.robust='mean'"),
+    (("aggregator=trimmed_mean", "aggregator.trim_fraction=0.7"), "trim_fraction"),
+    (("aggregator=krum", "aggregator._target_=fedcl.aggregation.rules.Nope"), "aggregator"),
     (("strategy.max_norm_ratio=0.5",), "max_norm_ratio"),
 ])
 def test_bad_fault_or_robustness_settings_are_rejected(make_cfg, overrides, message):
@@ -72,15 +73,23 @@ def test_robust_rules_resist_one_byzantine_client_that_passes_screening():
     replies = [(arrays, n) for _, arrays, n in honest_replies(5)]
     replies[2] = ({"w": np.full((3, 4), 4.0, np.float32), "b": np.full(3, 3.0, np.float32)}, 1000)
     plain = weighted_mean(replies)["w"]
-    with robust_aggregation("median"):
-        median = weighted_mean(replies)["w"]
-        a, b = aggregate_lora([(r["w"], r["b"][:, None]) for r, _ in replies], [n for _, n in replies], "fedit")
-    with robust_aggregation("trimmed_mean", 0.2):
-        trimmed = weighted_mean(replies)["w"]
+    median = weighted_mean(replies, Median())["w"]
+    a, b = aggregate_lora([(r["w"], r["b"][:, None]) for r, _ in replies], [n for _, n in replies], "fedit", Median())
+    trimmed = weighted_mean(replies, TrimmedMean(0.2))["w"]
+    krum = weighted_mean(replies, Krum(byzantine=1))
     assert np.abs(plain - 1).max() > 2  # the liar's count drags FedAvg
     assert np.abs(median - 1).max() < 0.15 and np.abs(trimmed - 1).max() < 0.15
     assert np.abs(a - 1).max() < 0.15 and np.abs(b).max() < 0.15
-    assert np.abs(weighted_mean(replies)["w"] - plain).max() == 0  # the rule ended with its block
+    # Krum returns one honest client's whole update, unchanged
+    assert any(all(np.array_equal(krum[k], r[k]) for k in r) for i, (r, _) in enumerate(replies) if i != 2)
+
+
+def test_krum_picks_the_update_closest_to_its_neighbours_and_multi_krum_averages():
+    updates = [{"w": np.array([x, 0.0])} for x in (0.0, 0.1, 0.2, 0.3, 50.0)]
+    assert Krum(byzantine=1).combine(updates, [1] * 5)["w"].tolist() == [0.1, 0.0] or \
+        Krum(byzantine=1).combine(updates, [1] * 5)["w"].tolist() == [0.2, 0.0]
+    multi = Krum(byzantine=1, multi=3).combine(updates, [1] * 5)["w"]
+    assert abs(multi[0] - 0.2) < 0.11  # three honest updates averaged, the outlier never in
 
 
 def test_corrupt_duallora_updates_never_change_the_global_adapters(make_cfg):

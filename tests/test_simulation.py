@@ -34,7 +34,7 @@ class RecordingGrid:
     """A Grid that records the array names of every Flower message sent and received."""
 
     def __init__(self, grid):
-        self.grid, self.log = grid, []
+        self.grid, self.log, self.rounds = grid, [], []
 
     def get_node_ids(self):
         return self.grid.get_node_ids()
@@ -42,6 +42,7 @@ class RecordingGrid:
     def send_and_receive(self, messages, **kw):
         messages = list(messages)
         replies = list(self.grid.send_and_receive(messages, **kw))
+        self.rounds.append((messages, replies))
         for direction, batch in (("down", messages), ("up", replies)):
             for m in batch:
                 if m.has_content() and "arrays" in m.content:

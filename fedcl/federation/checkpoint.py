@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedcl.errors import ConfigError
+from fedcl.federation.server_state import pack, unpack
 from fedcl.federation.store import atomic_save
 from fedcl.report import atomic_write
 
@@ -37,9 +38,9 @@ def load_config(run_dir: str | os.PathLike) -> DictConfig:
 
 
 def save(run_dir: str | os.PathLike, state: dict) -> None:
-    """``state``: the server loop's variables after a completed round."""
-    state = {**state, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
-    atomic_save(state, Path(run_dir) / FOLDER / "server.pt")
+    """``state``: plain types and tensors (``ServerState.state_dict()`` and the callbacks' states)."""
+    rng = pack({"torch": torch.get_rng_state(), "numpy": np.random.get_state()})
+    atomic_save({**state, "rng": rng}, Path(run_dir) / FOLDER / "server.pt")
 
 
 def load(run_dir: str | os.PathLike) -> dict | None:
@@ -47,7 +48,12 @@ def load(run_dir: str | os.PathLike) -> dict | None:
     path = Path(run_dir) / FOLDER / "server.pt"
     if not path.exists():
         return None
-    state = torch.load(path, weights_only=False)
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a checkpoint of another fedcl version or a broken file
+        raise ConfigError(f"resume={run_dir}: {path} cannot be read ({type(err).__name__}); it was written by "
+                          "another version of fedcl or is damaged. Start the run again without resume.") from None
+    rng = unpack(state.pop("rng"))
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(tuple(rng["numpy"]))
     return state

@@ -7,6 +7,7 @@ Flower's node ids change on every run, partition ids do not.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -16,13 +17,13 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
-from fedcl.experiment import derive_seed, get_experiment, resolve_device
-from fedcl.federation import faults
+from fedcl.experiment import config_key, derive_seed, get_experiment, resolve_device
 from fedcl.federation.codec import from_record, to_record
+from fedcl.federation.faults import FaultInjection
+from fedcl.federation.hooks import ClientHook, mechanisms
 from fedcl.federation.run_config import config_from_context, run_dir_from_context
-from fedcl.federation.store import ClientStateStore, SharedBlobStore
+from fedcl.federation.store import ClientStateStore, HeldArrays, SharedBlobStore
 from fedcl.methods.base import ClientRound
-from fedcl.privacy import begin_round, privatize_payload
 
 
 def client_round(cfg: DictConfig, client: int, task: int, rnd: int, phase: str = "train") -> ClientRound:
@@ -35,6 +36,7 @@ def client_round(cfg: DictConfig, client: int, task: int, rnd: int, phase: str =
         first_class=exp.scenario.task_starts[task], seen_classes=exp.scenario.seen_classes(task),
         task_rows=lambda t: exp.scenario.client_indices[t][client],
         images=lambda rows: exp.train_images(rows, device),
+        train_images=lambda rows: exp.augmented_images(rows, device),
         labels=lambda rows: exp.train_labels(rows, device),
         local_epochs=int(cfg.local_epochs), batch_size=int(cfg.batch_size),
         optimizer=str(cfg.optimizer), lr=float(cfg.lr),
@@ -44,11 +46,37 @@ def client_round(cfg: DictConfig, client: int, task: int, rnd: int, phase: str =
     )
 
 
-def client_step(cfg: DictConfig, run_dir: str, client: int, conf: dict,
-                received: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor] | None, dict]:
-    """One client's round without any transport: the round's config and the arrays it received in,
-    (payload, metrics) out; payload None when the client sends nothing. ``train`` wraps it in
-    Flower messages; ``simulations/benchmark.py`` calls it directly."""
+def client_hooks(cfg: DictConfig) -> list[ClientHook]:
+    """The client side of the run's cross-cutting concerns, outermost first (like Flower's mods):
+    ``before_round`` runs in this order, ``after_round`` in reverse. Injected faults are outermost:
+    a crashed client never reaches its privacy check, a corrupting one corrupts what privacy released."""
+    return [c.client_hook() for c in [FaultInjection(cfg), *mechanisms(cfg)]]
+
+
+_PRISTINE: dict[str, torch.nn.Module] = {}  # per process (Ray worker): one freshly built model per config
+
+
+def pristine_model(cfg: DictConfig) -> torch.nn.Module:
+    """The model as ``exp.new_model()`` builds it, built once per process (Ray worker)."""
+    key = config_key(cfg)
+    if key not in _PRISTINE:
+        _PRISTINE.clear()  # one run per worker at a time
+        _PRISTINE[key] = get_experiment(cfg).new_model()
+    return _PRISTINE[key]
+
+
+def fresh_model(cfg: DictConfig) -> torch.nn.Module:
+    """A copy of the pristine model per message: every parameter, buffer, flag and per-round
+    attribute a method sets starts anew, as if rebuilt, at the cost of a memory copy."""
+    return copy.deepcopy(pristine_model(cfg))
+
+
+def client_step(cfg: DictConfig, run_dir: str, client: int, conf: dict, sent: dict[str, np.ndarray],
+                manifest: dict | None = None) -> tuple[dict[str, torch.Tensor] | None, dict]:
+    """One client's round without any transport: the round's config and the arrays it was sent in,
+    (payload, metrics) out; payload None when the client sends nothing. With a ``manifest`` (keys and
+    versions of every array the round needs) the arrays not sent come from what the client holds.
+    ``train`` wraps it in Flower messages; ``simulations/benchmark.py`` calls it directly."""
     exp = get_experiment(cfg)
     task, rnd = int(conf["task"]), int(conf["round"])
     ctx = client_round(cfg, client, task, rnd, str(conf["phase"]))
@@ -56,33 +84,61 @@ def client_step(cfg: DictConfig, run_dir: str, client: int, conf: dict,
     torch.manual_seed(derive_seed(ctx.seed, task, rnd, client, 1))
     started = time.monotonic()
     idle = {"num-examples": 0, "client": client}  # the metrics of a client that sends nothing
-
-    fault = str(conf.get("fault", ""))  # faults.*: the server's instruction to misbehave
     global_round = int(conf.get("global-round", 0))
-    if not faults.act_before_training(fault):
-        return None, {**idle, "arrival-s": math.inf}  # dropped: its reply never arrives
-
-    model = exp.new_model().to(ctx.device)
-    exp.method.load_payload(model, received)
     store = ClientStateStore(f"{run_dir}/client_state")
     state = store.load(client, before_round=global_round)
-    if not begin_round(cfg, ctx, state):  # privacy (issue 6): budget spent -> no training, no data sent
-        return None, idle
+    hooks = client_hooks(cfg)
+    for hook in hooks:
+        verdict = hook.before_round(ctx, state, conf)
+        if verdict == "drop":
+            return None, {**idle, "arrival-s": math.inf}  # its reply never arrives
+        if verdict == "skip":
+            return None, idle
+    received = hold(run_dir, state, sent, manifest)
+    model = fresh_model(cfg).to(ctx.device)
+    exp.method.load_payload(model, received)
     num_examples = exp.method.client_update(model, ctx, state)
-    # privacy (issue 6): clip + noise what leaves the client; its accountant lives in `state`
-    private, dp_metrics = privatize_payload(cfg, ctx, received, exp.method.payload(model, ctx), state,
-                                            num_examples, exp.method)
+    payload, extra = exp.method.payload(model, ctx), {}
+    for hook in reversed(hooks):
+        payload, more = hook.after_round(ctx, state, conf, received, payload, num_examples)
+        extra.update(more)
     state["task"] = task
     store.save(client, state, round=global_round)
-    payload, delay = faults.act_after_training(fault, cfg, private)
-    return payload, {"num-examples": num_examples, "client": client, **dp_metrics,
+    delay = float(extra.pop("arrival-delay-s", 0.0))
+    return payload, {"num-examples": num_examples, "client": client, "synced": 1, **extra,
                      "arrival-s": time.monotonic() - started + delay}  # simulated arrival time
+
+
+def hold(run_dir: str, state: dict, sent: dict[str, np.ndarray], manifest: dict | None) -> dict[str, np.ndarray]:
+    """Every array the round needs: the ones sent, and the rest from what this client holds. The
+    client's state records the version of each array it holds (saved with the state at the end of
+    a successful round, so a failed round leaves it as it was)."""
+    if manifest is None:
+        return sent
+    held_arrays = HeldArrays(f"{run_dir}/shared/held")
+    held = dict(state.get("held", {}))
+    out = {}
+    for key, version in zip(manifest["keys"], manifest["versions"]):
+        version = int(version)
+        if key in sent:
+            out[key] = sent[key]
+            held_arrays.put(key, version, sent[key])
+        elif held.get(key) != version:
+            raise RuntimeError(f"the server did not send {key} version {version}, but this client holds "
+                               f"{'version ' + str(held[key]) if key in held else 'no version'} of it")
+        else:
+            out[key] = held_arrays.get(key, version)
+        held[key] = version
+    state["held"] = held
+    return out
 
 
 def train(cfg: DictConfig, run_dir: str, msg: Message, context: Context) -> Message:
     client = int(context.node_config["partition-id"])
+    manifest = msg.content.config_records.get("manifest")
     payload, metrics = client_step(cfg, run_dir, client, dict(msg.content["config"]),
-                                   from_record(msg.content["arrays"]))
+                                   from_record(msg.content["arrays"]),
+                                   None if manifest is None else {k: list(v) for k, v in manifest.items()})
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if payload is not None:
         content["arrays"] = to_record(payload)
@@ -91,9 +147,9 @@ def train(cfg: DictConfig, run_dir: str, msg: Message, context: Context) -> Mess
 
 def identify(msg: Message, context: Context, cfg: DictConfig | None = None) -> Message:
     """Handshake: tell the server which partition (client id) this node simulates. The worker
-    loads the data set here, so no round's first client pays for it."""
+    loads the data set and builds the model here, so no round's first client pays for it."""
     if cfg is not None:
-        get_experiment(cfg)
+        pristine_model(cfg)  # data set and model, once per worker
     record = ConfigRecord({"partition-id": int(context.node_config["partition-id"])})
     return Message(RecordDict({"identity": record}), reply_to=msg)
 

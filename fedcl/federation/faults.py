@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedcl.federation.hooks import ClientHook, ServerCallback
+
 KINDS = ("crash", "dropout", "straggle", "corrupt")
 CORRUPTIONS = ("nan", "inf", "shape", "norm")
 HUGE = 1e6  # factor of a "huge norm" corruption
@@ -105,3 +107,42 @@ def corrupt(arrays: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor
     else:
         raise ValueError(f"unknown corruption {how!r}; choose one of {list(CORRUPTIONS)}")
     return out
+
+
+class FaultInjection:
+    """``faults.*`` as a two-sided concern: the server plans who misbehaves, the client acts it out."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def server_callback(self) -> ServerCallback:
+        return FaultPlanner(self.cfg)
+
+    def client_hook(self) -> ClientHook:
+        return FaultActor(self.cfg)
+
+
+class FaultPlanner(ServerCallback):
+    """Draws the round's plan from the admitted clients and tells each its fault in its config."""
+
+    def __init__(self, cfg):
+        self.cfg, self.plan = cfg, {}
+
+    def admit(self, clients: list[int], plan) -> list[int]:
+        self.plan = fault_plan(self.cfg, plan.task, plan.round, clients)
+        return clients
+
+    def client_config(self, client: int, plan) -> dict:
+        return {"fault": self.plan.get(client, "")}
+
+
+class FaultActor(ClientHook):
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def before_round(self, ctx, state, config):
+        return None if act_before_training(str(config.get("fault", ""))) else "drop"
+
+    def after_round(self, ctx, state, config, received, payload, num_examples):
+        payload, delay = act_after_training(str(config.get("fault", "")), self.cfg, payload)
+        return payload, ({"arrival-delay-s": delay} if delay else {})

@@ -11,14 +11,14 @@ their updates, sum_k w_k B_k A_k. How close each scheme gets:
   (B = U_r S_r^1/2, A = S_r^1/2 V_r^T). Exact when that sum has rank <= r, otherwise the best
   rank-r approximation (Eckart-Young).
 
-Under ``strategy.robust`` (see ``fedcl.federation.robust``) each weighted mean above becomes a
-coordinate-wise median or trimmed mean (of A and B, or of the products B_k A_k for ``stacked``).
+Another aggregation rule (``aggregator=``, see ``fedcl.aggregation.rules``) replaces the weighted
+mean: of (A, B) together for ``fedit``, of B for ``ffa``, of the products B_k A_k for ``stacked``.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from fedcl.federation.robust import current_rule
+from fedcl.aggregation.rules import MEAN, AggregationRule
 
 AGGREGATIONS = ("fedit", "ffa", "stacked")
 
@@ -34,23 +34,19 @@ def check_scheme(name: str) -> str:
     return name
 
 
-def aggregate_lora(clients: list[Factors], weights: list[float], scheme: str) -> Factors:
+def aggregate_lora(clients: list[Factors], weights: list[float], scheme: str,
+                   rule: AggregationRule = MEAN) -> Factors:
     check_scheme(scheme)
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    A = np.stack([a for a, _ in clients]).astype(np.float64)
-    B = np.stack([b for _, b in clients]).astype(np.float64)
     dtype = clients[0][0].dtype
-    rule = current_rule()  # strategy.robust replaces each weighted mean below
-    mean = (lambda stack: rule.combine(stack)) if rule else (lambda stack: np.tensordot(w, stack, 1))
     if scheme == "fedit":
-        return mean(A).astype(dtype), mean(B).astype(dtype)
+        out = rule.combine([{"A": a, "B": b} for a, b in clients], weights)
+        return out["A"].astype(dtype), out["B"].astype(dtype)
     if scheme == "ffa":
-        if not all(np.array_equal(A[0], a) for a in A[1:]):
+        if not all(np.array_equal(clients[0][0], a) for a, _ in clients[1:]):
             raise ValueError("ffa aggregation needs the same frozen A on every client")
-        return clients[0][0].copy(), mean(B).astype(dtype)
-    r = A.shape[1]
-    delta = mean(np.einsum("kor,kri->koi", B, A))
+        return clients[0][0].copy(), rule.combine([{"B": b} for _, b in clients], weights)["B"].astype(dtype)
+    r = clients[0][0].shape[0]
+    delta = rule.combine([{"d": b.astype(np.float64) @ a.astype(np.float64)} for a, b in clients], weights)["d"]
     u, s, vt = np.linalg.svd(delta, full_matrices=False)
     root = np.sqrt(s[:r])
     return (root[:, None] * vt[:r]).astype(dtype), (u[:, :r] * root[None]).astype(dtype)

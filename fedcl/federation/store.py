@@ -102,3 +102,55 @@ class SharedBlobStore:
                 self._memory.pop(next(iter(self._memory)))
             self._memory[name] = torch.load(self.root / f"{name}.pt", weights_only=True)
         return self._memory[name]
+
+
+class HeldArrays:
+    """The global arrays clients hold, by (key, version): what a versioned downlink does not resend.
+
+    Every client that holds version v of a key holds the same array, so the simulator stores it
+    once per run under ``<run dir>/shared/held/`` (written by the first client that receives it)
+    and once per Ray worker's memory, instead of once per client. A client's own state records
+    which version of each key it holds (``state["held"]``): the proof that it really received it.
+    When version v of a key is written, older versions of that key are deleted: a client holding
+    an older one is always sent the new one (see ``fedcl.federation.downlink``).
+    """
+
+    _memory: dict[tuple[str, str, int], object] = {}  # per process: (root, key, version) -> array
+    _memory_limit = 512
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def _path(self, key: str, version: int) -> Path:
+        name = hashlib.sha1(key.encode()).hexdigest()[:20]
+        return self.root / f"{name}.v{version}.npy"
+
+    def put(self, key: str, version: int, array) -> None:
+        import numpy as np
+
+        path = self._path(key, version)
+        if version < 0 or path.exists():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, np.asarray(array), allow_pickle=False)
+        os.replace(tmp, path)
+        for old in path.parent.glob(f"{path.name.split('.v')[0]}.v*.npy"):
+            if old != path and int(old.name.rsplit(".v", 1)[1][:-4]) < version:
+                old.unlink(missing_ok=True)
+
+    def get(self, key: str, version: int):
+        import numpy as np
+
+        slot = (str(self.root), key, int(version))
+        if slot not in self._memory:
+            path = self._path(key, version)
+            if not path.exists():
+                raise RuntimeError(f"a client was not sent {key} (version {version}) and does not hold it: "
+                                   f"{path} is missing. The run directory's shared/held folder must not be "
+                                   "removed while a run uses it.")
+            if len(self._memory) >= self._memory_limit:
+                self._memory.pop(next(iter(self._memory)))
+            self._memory[slot] = np.load(path, allow_pickle=False)
+        return self._memory[slot]

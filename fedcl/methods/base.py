@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedcl.federation.robust import current_rule
+from fedcl.aggregation.rules import MEAN, AggregationRule
 
 
 @dataclass
@@ -42,6 +42,11 @@ class ClientRound:
     device: torch.device
     mixed_precision: bool = False    # bf16 autocast (``precision=auto`` on a GPU)
     shared: object | None = None     # the run's SharedBlobStore: tensors many clients hold identically
+    train_images: Callable[[np.ndarray], torch.Tensor] | None = None  # rows -> training batch, augmented
+                                     # under dataset.augment (None: ``images``); features/bases use ``images``
+    # the local training loop ``fit`` hands over to, e.g. DP-SGD set by the privacy client hook:
+    # trainer(model, rows, ctx, extra_loss, first_class); None: plain local SGD/Adam
+    trainer: Callable | None = None
 
 
 class Method:
@@ -110,9 +115,12 @@ class Method:
         return global_arrays
 
     def aggregate(self, global_arrays: dict[str, np.ndarray], replies: list[tuple[dict[str, np.ndarray], int]],
-                  task: int, phase: str) -> dict[str, np.ndarray]:
-        """The new global state from the replies (sorted by client id): FedAvg here."""
-        return {**global_arrays, **weighted_mean(replies)}
+                  task: int, phase: str, rule: AggregationRule = MEAN) -> dict[str, np.ndarray]:
+        """The new global state from the replies (sorted by client id): FedAvg here, or ``rule``.
+
+        Global arrays are read-only: return new arrays for what changed (the server versions each
+        array by the round that last replaced it, and sends a client only what it does not hold)."""
+        return {**global_arrays, **weighted_mean(replies, rule)}
 
     def predict(self, model: nn.Module, x: torch.Tensor, seen_classes: int) -> torch.Tensor:
         return predict(model, x, seen_classes)
@@ -122,24 +130,55 @@ class Method:
         that add parameters to a backbone; None leaves the key out."""
         return None
 
+    def export(self, model: nn.Module, folder) -> None:
+        """Write the final global adapters (LoRA methods: PEFT's format) into ``folder``; nothing here."""
 
-def weighted_mean(replies: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
-    """FedAvg: per-array mean weighted by example counts, in reply order (callers sort it); under
-    ``strategy.robust`` the coordinate-wise median or trimmed mean instead."""
-    total = sum(n for _, n in replies)
-    if total <= 0:
+    # ---- what the arrays mean (privacy, screening) -------------------------------------------
+    supports_dp_sgd = True  # trains through ``fit`` with one per-sample loss (record-level DP-SGD applies)
+
+    def privacy_reference(self, received: dict[str, np.ndarray], ctx: ClientRound,
+                          payload: dict) -> dict[str, np.ndarray]:
+        """For each payload array that is an update of something the client received: that
+        something (client-level DP clips and noises the difference). Arrays without one are
+        releases (e.g. bases). Here: same name and shape, and head rows (see
+        ``head_row_references``)."""
+        return head_row_references(payload, received, ctx.first_class, ctx.seen_classes)
+
+    def is_covariance(self, key: str) -> bool:
+        """A release that is a covariance matrix F^T F (noised as one under privacy.bases=noisy_covariance)."""
+        return key.startswith("cov.")
+
+    def task_key_release(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The arrays of a reply that describe the client's task-identity subspace (for the
+        basis-residual membership audit); none here."""
+        return {}
+
+
+def weighted_mean(replies: list[tuple[dict[str, np.ndarray], int]],
+                  rule: AggregationRule = MEAN) -> dict[str, np.ndarray]:
+    """FedAvg: per-array mean weighted by example counts, in reply order (callers sort it); another
+    ``rule`` (median, trimmed mean, Krum) combines the same updates its own way."""
+    if sum(n for _, n in replies) <= 0:
         raise ValueError("weighted_mean needs at least one reply with examples")
-    rule = current_rule()  # strategy.robust: median / trimmed mean instead of the mean
-    if rule is not None:
-        return {key: rule.combine(np.stack([arrays[key] for arrays, _ in replies])).astype(first.dtype)
-                for key, first in replies[0][0].items()}
-    out = {}
-    for key, first in replies[0][0].items():
-        acc = np.zeros(first.shape, dtype=np.float64)
-        for arrays, n in replies:
-            acc += arrays[key].astype(np.float64) * (n / total)
-        out[key] = (np.rint(acc) if np.issubdtype(first.dtype, np.integer) else acc).astype(first.dtype)
-    return out
+    return rule.combine([arrays for arrays, _ in replies], [n for _, n in replies])
+
+
+def head_row_references(payload: dict, received: dict, first_class: int,
+                        seen_classes: int) -> dict[str, np.ndarray]:
+    """Counterparts of payload arrays in what was received: the same name and shape, or for
+    ``<x>head_rows.*`` rows first_class..seen-1 (or 0..seen-1) of ``<x>head.*``."""
+    refs = {}
+    for key, value in payload.items():
+        shape = tuple(np.shape(value))
+        if key in received and tuple(np.shape(received[key])) == shape:
+            refs[key] = np.asarray(received[key])
+        elif "head_rows." in key:
+            full = received.get(key.replace("head_rows.", "head."))
+            for lo in (first_class, 0):  # the current task's rows, or all seen rows (DLC with exemplars)
+                if full is not None and tuple(full[lo:seen_classes].shape) == shape:
+                    refs[key] = np.asarray(full[lo:seen_classes])
+                    break
+    return refs
 
 
 def fit(model: nn.Module, rows: np.ndarray, ctx: ClientRound,
@@ -147,9 +186,8 @@ def fit(model: nn.Module, rows: np.ndarray, ctx: ClientRound,
         first_class: int = 0) -> None:
     """Plain local SGD on the logits of classes first_class .. seen-1 (all seen by default),
     shuffled by the round's generator."""
-    if getattr(ctx, "dp_sgd", None) is not None:  # privacy (issue 6): record-level DP-SGD with Opacus
-        from fedcl.privacy.dp_sgd import dp_fit
-        dp_fit(model, rows, ctx, extra_loss, first_class)
+    if ctx.trainer is not None:  # a client hook's own loop (record-level DP-SGD)
+        ctx.trainer(model, rows, ctx, extra_loss, first_class)
         return
     opt = local_optimizer([p for p in model.parameters() if p.requires_grad], ctx)
     model.train()
@@ -174,11 +212,12 @@ def local_optimizer(params: list[torch.nn.Parameter], ctx: ClientRound) -> torch
 
 def local_batches(rows: np.ndarray, ctx: ClientRound):
     """(images, labels) batches over ``local_epochs`` epochs, shuffled by the round's generator."""
+    images = ctx.train_images or ctx.images
     for _ in range(ctx.local_epochs):
         order = torch.randperm(len(rows), generator=ctx.generator).numpy()
         for start in range(0, len(rows), ctx.batch_size):
             batch = rows[order[start:start + ctx.batch_size]]
-            yield ctx.images(batch), ctx.labels(batch)
+            yield images(batch), ctx.labels(batch)
 
 
 def autocast(ctx: ClientRound):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fedcl.experiment import derive_seed
+from fedcl.methods.base import head_row_references
 from fedcl.privacy.accounting import ClientAccount, add_step, epsilon_of
 from fedcl.privacy.settings import PrivacySettings, privacy_settings
 
@@ -35,21 +36,11 @@ def _np(v) -> np.ndarray:
 
 def references(payload: dict, received: dict, first_class: int, seen_classes: int,
                method=None, ctx=None) -> dict[str, np.ndarray]:
-    """For each payload array that is an update of something the server sent: that something."""
-    if method is not None and hasattr(method, "privacy_reference"):
+    """For each payload array that is an update of something the server sent: that something
+    (the method says, ``Method.privacy_reference``)."""
+    if method is not None:
         return method.privacy_reference(received, ctx, payload)
-    refs = {}
-    for key, value in payload.items():
-        shape = tuple(_np(value).shape)
-        if key in received and tuple(np.shape(received[key])) == shape:
-            refs[key] = np.asarray(received[key])
-        elif "head_rows." in key:  # rows of a head (DualLoRA: head_rows.*, DLC: dlc_head_rows.*)
-            full = received.get(key.replace("head_rows.", "head."))
-            for lo in (first_class, 0):  # the current task's rows, or all seen rows (DLC with exemplars)
-                if full is not None and tuple(full[lo:seen_classes].shape) == shape:
-                    refs[key] = np.asarray(full[lo:seen_classes])
-                    break
-    return refs
+    return head_row_references(payload, received, first_class, seen_classes)
 
 
 def clip_and_noise(deltas: dict[str, np.ndarray], clip_norm: float, noise_std: float,
@@ -78,13 +69,14 @@ def noisy_covariance(cov: np.ndarray, noise_std: float, rng: np.random.Generator
 
 def begin_round(cfg, ctx, state: dict) -> bool:
     """Before training: False when the client's budget forbids this round's message (it then
-    neither trains nor sends anything); with ``local_dp_sgd`` hands ``fit`` its DP-SGD settings."""
+    neither trains nor sends anything); with ``local_dp_sgd`` DP-SGD becomes the round's trainer."""
     if refuses(cfg, ctx.client, ctx.task, state, ctx.phase):
         return False
     s = privacy_settings(cfg)
     if s.private_task(ctx.task) and s.local_dp_sgd:
-        from fedcl.privacy.dp_sgd import DPSGD
+        from fedcl.privacy.dp_sgd import DPSGD, dp_fit
 
+        ctx.trainer = dp_fit  # the local training loop: Opacus' DP-SGD instead of plain SGD
         c = s.client(ctx.client)
         ctx.dp_sgd = DPSGD(c.dp_sgd_noise_multiplier, s.dp_sgd_max_grad_norm, c.dp_sgd_target_epsilon,
                            s.delta, s.accountant)
@@ -162,7 +154,7 @@ def privatize_payload(cfg, ctx, received: dict, payload: dict, state: dict, num_
         metrics["dp-update"] = 1
         state["privacy_last_norm"] = norm
     releases = [k for k in payload if k not in refs]
-    covs = [k for k in releases if k.startswith("cov.")]
+    covs = [k for k in releases if method is not None and method.is_covariance(k)]
     if s.bases == "noisy_covariance" and covs:
         # all matrices of one message together have L2 sensitivity sqrt(len(covs))
         std = s.basis_noise_multiplier * float(np.sqrt(len(covs)))

@@ -52,13 +52,11 @@ def affordable(dp: DPSGD, history: list, num_rows: int, batch_size: int, local_e
 
 
 def check_supported(method) -> None:
-    """DP-SGD needs the method to train through ``fit``; DLC's two-path step does not."""
-    from fedcl.methods.dlc import DLC
-
-    if isinstance(method, DLC):
-        raise ConfigError("privacy.local_dp_sgd=true does not support method=dlc: its step trains the base "
-                          "and the plugin path with two separate gradients, not Opacus' DP-SGD. Use "
-                          "client-level DP (privacy=client_dp) for DLC.")
+    """DP-SGD needs the method to train through ``fit`` (``Method.supports_dp_sgd``)."""
+    if not method.supports_dp_sgd:
+        raise ConfigError(f"privacy.local_dp_sgd=true does not support method={method.name}: it does not "
+                          "train through one per-sample loss that Opacus' DP-SGD can clip. Use client-level "
+                          "DP (privacy=client_dp) for it.")
 
 
 def hooks_cover(model: torch.nn.Module) -> bool:

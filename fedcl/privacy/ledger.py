@@ -1,8 +1,8 @@
 """The server's per-run privacy ledger: who may be sampled, what each client spent, the audit.
 
-``run_server`` calls ``admit`` before a round (clients that cannot afford another message are
-not asked: they have exhausted their budget and stop), ``observe`` for every reply, and
-``end_round`` after aggregation (its dict goes into metrics.csv). ``results`` is results.json's
+The privacy server callback (``fedcl.privacy.mechanism``) calls ``admit`` before a round (clients
+that cannot afford another message are not asked: they have exhausted their budget and stop),
+``observe`` for every reply, and ``end_round`` after aggregation (its dict goes into metrics.csv). ``results`` is results.json's
 ``privacy`` key. With ``privacy=none`` every call is a no-op and ``results`` is None.
 """
 from __future__ import annotations
@@ -99,6 +99,20 @@ class PrivacyLedger:
         if acc.budget is not None and acc.epsilon > acc.budget + 1e-9:
             raise RuntimeError(f"client {c} spent epsilon {acc.epsilon:.3f} over its budget {acc.budget}")
 
+    def state_dict(self) -> dict:
+        """Plain types only (the checkpoint loads with ``weights_only=True``)."""
+        return {"accounts": {c: dict(vars(a)) for c, a in self.accounts.items()},
+                "last_update": {c: [t, arrays] for c, (t, arrays) in self.last_update.items()},
+                "last_basis": {c: [t, arrays] for c, (t, arrays) in self.last_basis.items()},
+                "dp_sgd": self.dp_sgd}
+
+    def load_state_dict(self, state: dict) -> None:
+        for c, fields in state["accounts"].items():
+            self.accounts[int(c)].__dict__.update(fields)
+        self.last_update = {int(c): (t, a) for c, (t, a) in state["last_update"].items()}
+        self.last_basis = {int(c): (t, a) for c, (t, a) in state["last_basis"].items()}
+        self.dp_sgd = dict(state["dp_sgd"])
+
     def end_round(self, task: int) -> dict:
         """After a round: epsilon per task snapshot; a few columns for metrics.csv."""
         if not self.enabled:
@@ -185,10 +199,3 @@ class PrivacyLedger:
             "basis_mia_auc_mean": float(np.mean(basis)) if basis else None,
             "clients": clients,
         }
-
-
-def ledger_of(run: dict, cfg) -> PrivacyLedger:
-    """The run's ledger, created on first use (a run dict or checkpoint from before issue 6 has none)."""
-    if "privacy" not in run:
-        run["privacy"] = PrivacyLedger(cfg)
-    return run["privacy"]

@@ -159,16 +159,14 @@ def planned_messages(cfg: DictConfig, start_task: int) -> list[tuple[int, int]]:
     for in private tasks, if nobody stops early. ``train`` phases carry updates; every other
     phase of a method (e.g. DualLoRA's ``basis_*``) is counted as a basis release."""
     from fedcl.experiment import get_experiment
-    from fedcl.federation.server_app import sample_clients
+    from fedcl.federation.schedule import asked, schedule
 
     method = get_experiment(cfg).method
-    n = int(cfg.num_clients)
-    counts = [[0, 0] for _ in range(n)]
-    for task in range(start_task, int(cfg.num_tasks)):
-        for rnd, phase in enumerate(method.phases(task, int(cfg.rounds_per_task))):
-            asked = range(n) if method.samples_everyone(task, phase) else sample_clients(cfg, task, rnd)
-            for c in asked:
-                counts[c][0 if phase == "train" else 1] += 1
+    counts = [[0, 0] for _ in range(int(cfg.num_clients))]
+    for plan in schedule(cfg, method):
+        if plan.task >= start_task:
+            for c in asked(cfg, method, plan):
+                counts[c][0 if plan.phase == "train" else 1] += 1
     return [tuple(c) for c in counts]
 
 

@@ -1,0 +1,109 @@
+"""ContinualStrategy: a Flower Strategy whose round is testable with fake replies, and a user's own ServerApp."""
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import Strategy
+
+from fedcl.federation.codec import to_record
+
+TINY = ["method=finetune", "num_clients=4", "num_tasks=2", "rounds_per_task=1", "local_epochs=1",
+        "dataset=digits", "ray.num_cpus=2", "progress=false", "model.width=8"]
+
+
+def test_continual_strategy_is_a_flower_strategy():
+    from fedcl import ContinualStrategy
+
+    assert issubclass(ContinualStrategy, Strategy)
+
+
+def reply(msg, arrays, n=10, client=0):
+    content = RecordDict({"arrays": to_record(arrays),
+                          "metrics": MetricRecord({"num-examples": n, "client": client, "synced": 1})})
+    return Message(content, reply_to=msg)
+
+
+@pytest.fixture(autouse=True)
+def server_identity():
+    """What a running ServerApp has set before a strategy builds messages (Flower's own tests do the same)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = {k: getattr(TaskIdentity, f"_{k}", None) for k in ("run_id", "node_id", "task_id")}
+    for k, v in {"run_id": 1, "node_id": 0, "task_id": 1}.items():
+        setattr(TaskIdentity, f"_{k}", v)
+    yield
+    for k, v in saved.items():
+        setattr(TaskIdentity, f"_{k}", v)
+
+
+@pytest.fixture
+def strategy(tmp_path):
+    from fedcl import ContinualStrategy
+
+    return ContinualStrategy.from_overrides(TINY, run_dir=str(tmp_path))
+
+
+def test_aggregate_train_screens_fake_replies_and_averages_the_rest(strategy):
+    messages = strategy.configure_train(1, None, None, grid=None)
+    assert [m.metadata.dst_node_id for m in messages] == [0, 1, 2, 3]
+    g = strategy.state.global_arrays
+    key = next(k for k, v in g.items() if v.dtype == np.float32 and v.size > 1)
+    ups = [{k: v + c for k, v in g.items()} for c in range(4)]
+    ups[2][key] = np.full_like(g[key], np.nan)
+    replies = [reply(messages[0], ups[0], 10, 0), reply(messages[1], ups[1], 30, 1), reply(messages[2], ups[2], 10, 2),
+               Message(Error(code=0, reason="Exception: the client raised"), reply_to=messages[3])]
+    changed, counters = strategy.aggregate_train(1, replies)
+    new = strategy.state.global_arrays
+    assert np.allclose(new[key], g[key] + 0.75)  # (0 * 10 + 1 * 30) / 40: the NaN reply never counts
+    assert [(f["client"], f["kind"]) for f in strategy.state.failures] == [(2, "nan"), (3, "crash")]
+    assert counters["clients-ok"] == 2 and key in changed.keys()
+    assert strategy.state.downlink.versions[key] == 1 and not new[key].flags.writeable
+    # round 2: the crashed client was never synced, so it gets everything; so do the others (FedAvg changed all)
+    second = strategy.configure_train(2, None, None, grid=None)
+    assert all(set(m.content["arrays"].keys()) == set(new) for m in second)
+
+
+def test_aggregation_rule_objects_are_passed_explicitly(tmp_path):
+    from fedcl import ContinualStrategy
+    from fedcl.aggregation.rules import Krum
+
+    s = ContinualStrategy.from_overrides([*TINY, "aggregator=krum", "aggregator.byzantine=1"], run_dir=str(tmp_path))
+    assert isinstance(s.rule, Krum) and s.rule.byzantine == 1
+    messages = s.configure_train(1, None, None, grid=None)
+    g = s.state.global_arrays
+    ups = [{k: (v + 0.01 * c if v.dtype.kind == "f" else v) for k, v in g.items()} for c in range(3)]
+    ups.append({k: (v * 1e3 if v.dtype.kind == "f" else v) for k, v in g.items()})  # passes no norm check alone
+    s.cfg.strategy.max_norm_ratio = None
+    s.aggregate_train(1, [reply(m, u, 10, c) for c, (m, u) in enumerate(zip(messages, ups))])
+    new = s.state.global_arrays
+    assert any(all(np.array_equal(new[k], u[k]) for k in g) for u in ups[:3])  # one honest update, whole
+
+
+USER_APP = '''
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
+
+from fedcl import ContinualStrategy
+
+strategy = ContinualStrategy.from_overrides(OVERRIDES, run_dir=RUN_DIR)
+app = ServerApp()
+
+
+@app.main()
+def main(grid, context):
+    strategy.start(grid)
+
+
+run_simulation(server_app=app, client_app=strategy.client_app(), num_supernodes=strategy.num_clients,
+               backend_config=strategy.backend_config())
+'''
+
+
+def test_a_users_own_server_app_runs_a_two_task_experiment(tmp_path):
+    assert len(USER_APP.strip().splitlines()) <= 16  # the README's example, as a user would write it
+    run_dir = tmp_path / "run"
+    exec(compile(USER_APP, "user_app.py", "exec"), {"OVERRIDES": [*TINY, "num_clients=3"], "RUN_DIR": str(run_dir)})
+    results = json.loads((run_dir / "results.json").read_text())
+    assert len(results["accuracy_matrix"]) == 2 and results["accuracy_matrix"][0][0] > 0.3
+    assert (run_dir / "metrics.csv").exists()
