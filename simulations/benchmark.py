@@ -1,41 +1,38 @@
-"""How much does the federation cost on top of the learning? Same work, two ways.
+"""What does fedcl cost on top of the learning? The same work three ways, in one run.
 
     python simulations/benchmark.py --clients 100
-    python simulations/benchmark.py --clients 10,100,1000 -- method=replay
+    python simulations/benchmark.py --clients 10,100,1000
 
-For each client count N (synthetic data, the small CNN, ``min(N, 100)`` clients sampled per
-round, about ``--samples`` training samples per client per task, one local epoch):
+Work (per client count N): synthetic 16 px data, the small CNN, ``method=finetune`` (FedAvg),
+2 tasks x 2 rounds, ``min(N, 100)`` clients sampled per round, ``--samples`` training samples per
+client per task, one local epoch.
 
-(a) compute: the same client rounds (same sampling, same downlink, same aggregation) called one
-    after another in this process, with no Flower and no Ray, on one thread; timed: the client
-    rounds only.
-(b) simulation: the full Flower simulation on Ray (``fedcl``'s own path); timed: from building a
-    round's messages to having decoded all its replies, summed over rounds (Ray start-up, server
-    evaluation and aggregation excluded from both, reported apart).
+(a) limit: the sampled clients' training loops alone, spread over every core (a pool of one-thread
+    worker processes, models built before the clock starts): no model building, no I/O, no messages.
+(b) stock Flower: what a user would write instead: Flower's own ``FedAvg`` strategy, a plain
+    ``ClientApp`` that builds the model, loads the arrays, trains the same rows with the same loop and
+    sends the model back, and central evaluation after every round; end to end under ``run_simulation``.
+(c) fedcl: ``fedcl`` end to end (validation, Ray start, registration, every round, results files),
+    with the split of its time from results.json's ``timing``.
 
-It prints both, the ratio (b)/(a), the framework overhead per client-round
-((b) - (a)) / client-rounds in ms (negative when Ray's parallel workers win), the peak resident
-memory of the whole process tree (driver, Ray's processes and workers) during (b), and bytes per
-round; the last line is ``ratio=<(b)/(a)> overhead_ms=<per client-round> peak_mb=<peak RSS>``
-for the last N.
+The last line is ``limit_ratio=<c/a> peer_ratio=<c/b> overhead_ms=<(c - a) per client-round>
+peak_mb=<peak RSS of (c)'s process tree>`` for the last N.
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import multiprocessing as mp
 import os
 import tempfile
 import threading
 import time
 
-import numpy as np
 import psutil
 import torch
 
 from fedcl.cli import run_experiment
-from fedcl.experiment import get_experiment
-from fedcl.federation.client_app import client_step
 from fedcl.federation.run_config import compose_config
-from fedcl.federation.server_app import sample_clients
 from fedcl.report import text_table
 
 
@@ -45,38 +42,114 @@ def workload(clients: int, samples: int, extra: list[str]) -> list[str]:
     return ["dataset=synthetic", f"dataset.train_per_class={per_class}", "dataset.test_per_class=50",
             "model=small_cnn", "method=finetune", "optimizer=sgd", "lr=0.02", f"num_clients={clients}",
             f"num_tasks={tasks}", "rounds_per_task=2", "local_epochs=1", "batch_size=32",
-            f"fraction_train={min(1.0, 100 / clients)}", "partition=iid", "progress=false", *extra]
+            f"fraction_train={min(1.0, 100 / clients)}", "partition=iid", "progress=false", "ray.client_cpus=1",
+            *extra]
 
 
-def compute_only(cfg) -> tuple[float, int]:
-    """(a): seconds spent in client rounds run in-process, and how many client-rounds ran."""
+def client_rounds(cfg) -> list[tuple[int, int, int]]:
+    """(client, task, round) of every client-round fedcl's schedule runs."""
+    from fedcl.experiment import get_experiment
+    from fedcl.federation.schedule import asked, schedule
+
+    method = get_experiment(cfg).method
+    return [(c, p.task, p.round) for p in schedule(cfg, method) for c in asked(cfg, method, p)]
+
+
+# ---- (a) the limit -------------------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(overrides: list[str]) -> None:
+    from fedcl.experiment import get_experiment
+
+    torch.set_num_threads(1)
+    cfg = compose_config(overrides)
     exp = get_experiment(cfg)
-    method = exp.method
-    global_arrays = method.init_global(exp.new_model())
-    spent, count = 0.0, 0
-    with tempfile.TemporaryDirectory() as run_dir:
-        global_round = 0
+    _WORKER.update(cfg=cfg, exp=exp, model=exp.new_model(), init={k: v.clone() for k, v in
+                                                                   exp.new_model().state_dict().items()})
+
+
+def _train_one(job: tuple[int, int, int]) -> int:
+    from fedcl.federation.client_app import client_round
+    from fedcl.methods.base import fit
+
+    client, task, rnd = job
+    cfg, exp, model = _WORKER["cfg"], _WORKER["exp"], _WORKER["model"]
+    model.load_state_dict(_WORKER["init"])  # training cost does not depend on the weights
+    ctx = client_round(cfg, client, task, rnd)
+    rows = ctx.task_rows(task)
+    if len(rows):
+        fit(model, rows, ctx, lambda x, logits: None)
+    return len(rows)
+
+
+def limit(overrides: list[str], jobs: list[tuple[int, int, int]]) -> float:
+    workers = os.cpu_count() or 1
+    with mp.get_context("spawn").Pool(workers, _init_worker, (overrides,)) as pool:
+        pool.map(_train_one, jobs[:workers])  # warm: data loaded, first batches run
+        started = time.perf_counter()
+        pool.map(_train_one, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
+        return time.perf_counter() - started
+
+
+# ---- (b) a stock Flower app ----------------------------------------------------------------------------
+def stock_flower(cfg) -> float:
+    """End-to-end seconds of the same training in a plain Flower app with Flower's own FedAvg."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    from fedcl.experiment import get_experiment
+    from fedcl.federation.client_app import client_round
+    from fedcl.federation.evaluation import evaluate_tasks
+    from fedcl.federation.simulation import backend_config
+    from fedcl.methods.base import fit
+
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        exp = get_experiment(cfg)
+        model = exp.new_model()
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        task, rnd = int(msg.content["config"]["task"]), int(msg.content["config"]["server-round"])
+        ctx = client_round(cfg, int(context.node_config["partition-id"]), task, rnd)
+        rows = ctx.task_rows(task)
+        if len(rows):
+            fit(model, rows, ctx, lambda x, logits: None)
+        return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                                   "metrics": MetricRecord({"num-examples": max(1, len(rows))})}), reply_to=msg)
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        exp = get_experiment(cfg)
+        model = exp.new_model()
+        n = int(cfg.num_clients)
+        k = max(1, round(float(cfg.fraction_train) * n))
+        strategy = FedAvg(fraction_train=k / n, fraction_evaluate=0.0, min_train_nodes=k, min_evaluate_nodes=0,
+                          min_available_nodes=n)
+        arrays = ArrayRecord(model.state_dict())
         for task in range(int(cfg.num_tasks)):
-            for rnd, phase in enumerate(method.phases(task, int(cfg.rounds_per_task))):
-                global_round += 1
-                sampled = (list(range(int(cfg.num_clients))) if method.samples_everyone(task, phase)
-                           else sample_clients(cfg, task, rnd))
-                replies = []
-                for client in sampled:
-                    conf = {"task": task, "round": rnd, "phase": phase, "global-round": global_round, "fault": ""}
-                    down = {k: np.array(v) for k, v in method.downlink(global_arrays, task, phase, client).items()}
-                    t0 = time.perf_counter()
-                    payload, metrics = client_step(cfg, run_dir, client, conf, down)
-                    spent += time.perf_counter() - t0
-                    count += 1
-                    if payload is not None and metrics["num-examples"] > 0:
-                        replies.append(({k: v.detach().cpu().numpy() for k, v in payload.items()},
-                                        int(metrics["num-examples"])))
-                if replies:
-                    global_arrays = method.aggregate(global_arrays, replies, task, phase)
-    return spent, count
+            def central(server_round: int, arrays: ArrayRecord, task=task) -> MetricRecord:
+                model.load_state_dict(arrays.to_torch_state_dict())
+                return MetricRecord({"accuracy": evaluate_tasks(exp, model, task)[1]})
+
+            result = strategy.start(grid, arrays, num_rounds=int(cfg.rounds_per_task),
+                                    train_config=ConfigRecord({"task": task}), evaluate_fn=central)
+            arrays = result.arrays
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # FedAvg logs every round at INFO
+    started = time.perf_counter()
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=int(cfg.num_clients),
+                   backend_config=backend_config(cfg))
+    return time.perf_counter() - started
 
 
+# ---- (c) fedcl, and the process tree's memory ----------------------------------------------------------
 class PeakMemory:
     """Peak total RSS of this process and all its descendants, sampled every 0.2 s."""
 
@@ -105,37 +178,49 @@ class PeakMemory:
         self._thread.join()
 
 
+def split(results: dict, total_s: float) -> dict[str, float]:
+    """fedcl's end-to-end seconds by part; the clients' parts are summed over clients (they run
+    side by side on the Ray workers, so they add up to more than their share of the wall time)."""
+    t = results["timing"]
+    parts = {"start-up + finish (validate, data, Ray, results)": total_s - t["rounds_s"] - t["registration_s"]
+             - t["checkpoint_s"],
+             "registration": t["registration_s"], "configure (downlink)": t["configure_s"],
+             "exchange (messages + client rounds)": t["exchange_s"], "aggregation": t["aggregate_s"],
+             "evaluation": t["evaluate_s"], "checkpoint + metrics.csv": t["checkpoint_s"]}
+    parts.update({f"  clients: {p}": t[f"client_{p}_s"] for p in ("load", "build", "train", "payload", "save")})
+    return parts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", default="10,100,1000", help="comma-separated client counts")
+    parser.add_argument("--clients", default="100", help="comma-separated client counts")
     parser.add_argument("--samples", type=int, default=200, help="training samples per client per task")
     parser.add_argument("--out", default=None, help="run directories (default: a temporary one)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both (a) and (b)")
+    parser.add_argument("--no-stock", action="store_true", help="skip (b), the stock Flower app")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for all three")
     args = parser.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="fedcl_bench_")
     rows, last = [], ""
     for n in [int(c) for c in args.clients.split(",")]:
-        cfg = compose_config(workload(n, args.samples, args.overrides))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # (a) is one client after another on one core
-        compute_s, client_rounds = compute_only(cfg)
-        torch.set_num_threads(threads)
+        overrides = workload(n, args.samples, args.overrides)
+        cfg = compose_config(overrides)
+        jobs = client_rounds(cfg)
+        limit_s = limit(overrides, jobs)
+        stock_s = float("nan") if args.no_stock else stock_flower(cfg)
         with PeakMemory() as mem:
             started = time.perf_counter()
             results = run_experiment(cfg, os.path.join(out, f"clients_{n}"))
-            total_s = time.perf_counter() - started
-        per_round = results["communication"]["per_round"]
-        sim_s = sum(r["exchange_s"] for r in per_round)
-        ratio = sim_s / compute_s
-        overhead_ms = 1000 * (sim_s - compute_s) / client_rounds
+            fedcl_s = time.perf_counter() - started
+        parts = split(results, fedcl_s)
+        print(text_table(["fedcl's time, N=" + str(n), "s"], [[k, f"{v:.1f}"] for k, v in parts.items()]))
+        overhead_ms = 1000 * (fedcl_s - limit_s) / len(jobs)
         peak_mb = mem.peak / 2**20
-        comm = results["communication"]
-        bytes_per_round = (comm["uplink_bytes"] + comm["downlink_bytes"]) / len(per_round)
-        rows.append([n, client_rounds, f"{compute_s:.1f}", f"{sim_s:.1f}", f"{ratio:.2f}", f"{overhead_ms:.1f}",
-                     f"{total_s:.1f}", f"{peak_mb:.0f}", f"{bytes_per_round / 1e6:.2f}"])
-        print(text_table(["clients", "client-rounds", "(a) compute s", "(b) simulation s", "ratio b/a",
-                          "overhead ms/client-round", "end-to-end s", "peak MB", "MB/round"], rows), flush=True)
-        last = f"ratio={ratio:.3f} overhead_ms={overhead_ms:.2f} peak_mb={peak_mb:.0f}"
+        rows.append([n, len(jobs), f"{limit_s:.1f}", f"{stock_s:.1f}", f"{fedcl_s:.1f}", f"{fedcl_s / limit_s:.2f}",
+                     f"{fedcl_s / stock_s:.2f}", f"{overhead_ms:.1f}", f"{peak_mb:.0f}"])
+        print(text_table(["clients", "client-rounds", "(a) limit s", "(b) stock Flower s", "(c) fedcl s",
+                          "c/a", "c/b", "overhead ms/client-round", "peak MB"], rows), flush=True)
+        last = (f"limit_ratio={fedcl_s / limit_s:.3f} peer_ratio={fedcl_s / stock_s:.3f} "
+                f"overhead_ms={overhead_ms:.2f} peak_mb={peak_mb:.0f}")
     print(last)
 
 

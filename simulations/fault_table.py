@@ -26,7 +26,9 @@ SCENARIOS = {
     "dropout 10% + straggle 10%": ["faults.dropout=0.1", "faults.straggle=0.1", "faults.deadline_s=20"],
     "norm 20% (no norm check)": ["faults.corrupt=0.2", "faults.corrupt_kinds=[norm]", "strategy.max_norm_ratio=null"],
     "norm 20% + median (no norm check)": ["faults.corrupt=0.2", "faults.corrupt_kinds=[norm]",
-                                        "strategy.max_norm_ratio=null", "strategy.robust=median"],
+                                        "strategy.max_norm_ratio=null", "aggregator=median"],
+    "norm 20% + krum (no norm check)": ["faults.corrupt=0.2", "faults.corrupt_kinds=[norm]",
+                                      "strategy.max_norm_ratio=null", "aggregator=krum", "aggregator.byzantine=2"],
 }
 
 

@@ -85,6 +85,7 @@ def client_step(cfg: DictConfig, run_dir: str, client: int, conf: dict, sent: di
     started = time.monotonic()
     idle = {"num-examples": 0, "client": client}  # the metrics of a client that sends nothing
     global_round = int(conf.get("global-round", 0))
+    clock = Stopwatch()
     store = ClientStateStore(f"{run_dir}/client_state")
     state = store.load(client, before_round=global_round)
     hooks = client_hooks(cfg)
@@ -95,18 +96,40 @@ def client_step(cfg: DictConfig, run_dir: str, client: int, conf: dict, sent: di
         if verdict == "skip":
             return None, idle
     received = hold(run_dir, state, sent, manifest)
+    clock.lap("load")
     model = fresh_model(cfg).to(ctx.device)
     exp.method.load_payload(model, received)
+    clock.lap("build")
     num_examples = exp.method.client_update(model, ctx, state)
+    clock.lap("train")
     payload, extra = exp.method.payload(model, ctx), {}
     for hook in reversed(hooks):
         payload, more = hook.after_round(ctx, state, conf, received, payload, num_examples)
         extra.update(more)
+    clock.lap("payload")
     state["task"] = task
     store.save(client, state, round=global_round)
+    clock.lap("save")
     delay = float(extra.pop("arrival-delay-s", 0.0))
-    return payload, {"num-examples": num_examples, "client": client, "synced": 1, **extra,
+    return payload, {"num-examples": num_examples, "client": client, "synced": 1, **extra, **clock.metrics(),
                      "arrival-s": time.monotonic() - started + delay}  # simulated arrival time
+
+
+class Stopwatch:
+    """Seconds spent in each part of a client's round, reported as ``time-<part>-s`` reply metrics."""
+
+    PARTS = ("load", "build", "train", "payload", "save")
+
+    def __init__(self):
+        self.last, self.spent = time.perf_counter(), {}
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.spent[part] = self.spent.get(part, 0.0) + now - self.last
+        self.last = now
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time-{part}-s": seconds for part, seconds in self.spent.items()}
 
 
 def hold(run_dir: str, state: dict, sent: dict[str, np.ndarray], manifest: dict | None) -> dict[str, np.ndarray]:

@@ -40,6 +40,7 @@ from fedcl.errors import RuntimeLost
 from fedcl.experiment import get_experiment
 from fedcl.federation import checkpoint
 from fedcl.federation.callbacks import Checkpointer, MetricsFile, Progress, ResultsWriter
+from fedcl.federation.client_app import Stopwatch
 from fedcl.federation.codec import content_bytes, from_record, to_record
 from fedcl.federation.downlink import plan_parcels
 from fedcl.federation.evaluation import evaluate_tasks
@@ -50,6 +51,9 @@ from fedcl.federation.screening import screen
 from fedcl.federation.server_state import ServerState, unpack
 
 MAX_WORKER_RETRIES = 2  # retries of the clients whose Ray worker died, per round
+# per-round seconds in metrics.csv and their sums in results.json's timing: the server's parts, and
+# the clients' parts summed over the round's replies (they overlap in time across Ray workers)
+TIMED = ("configure_s", "aggregate_s", "evaluate_s", *(f"client_{p}_s" for p in Stopwatch.PARTS))
 
 
 @dataclass
@@ -124,6 +128,7 @@ class ContinualStrategy(Strategy):
                         grid) -> list[Message]:
         """Messages for round ``server_round`` (1-based over the run). The global arrays are the
         strategy's own state; ``arrays`` is ignored (Flower's signature)."""
+        started = time.monotonic()
         plan = self.plans[server_round - 1]
         clients = asked(self.cfg, self.method, plan)
         for cb in self.callbacks:
@@ -142,7 +147,8 @@ class ContinualStrategy(Strategy):
                                   "config": ConfigRecord(conf)})
             messages.append(Message(content, message_type="train", dst_node_id=self.nodes.get(c, c)))
         self._round = _Round(plan, clients, {c: parcels[c].keys for c in clients}, messages,
-                             sum(content_bytes(m.content) for m in messages), time.monotonic())
+                             sum(content_bytes(m.content) for m in messages), started)
+        self._configure_s = time.monotonic() - started
         return messages
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -155,6 +161,8 @@ class ContinualStrategy(Strategy):
         client_of = {self.nodes.get(c, c): c for c in r.clients}
         deadline = float(cfg.faults.deadline_s) if cfg.faults.deadline_s else math.inf
         failures, candidates, answered, up = [], [], set(), 0
+        client_time = dict.fromkeys(Stopwatch.PARTS, 0.0)  # summed over the round's clients
+        aggregate_started = time.monotonic()
         for reply in replies:
             client = client_of.get(reply.metadata.src_node_id, -1)
             answered.add(client)
@@ -167,6 +175,8 @@ class ContinualStrategy(Strategy):
                 failures.append((client, "timeout", "no reply (the client dropped out)"))
                 continue
             up += content_bytes(reply.content)
+            for part in Stopwatch.PARTS:
+                client_time[part] += float(metrics_in.get(f"time-{part}-s", 0.0))
             if int(metrics_in.get("synced", 0)):  # it saved what it was given: it holds this round's arrays
                 self.state.downlink.mark_synced(client, plan.global_round, r.keys[client])
             for cb in self.callbacks:
@@ -196,7 +206,9 @@ class ContinualStrategy(Strategy):
         self.state.downlink_bytes += r.downlink_bytes
         self.state.failures += [{"round": plan.global_round, "task": plan.task, "client": c, "kind": kind,
                                  "reason": reason} for c, kind, reason in failures]
-        self._last = {"accepted": len(accepted), "failures": failures, "uplink": up}
+        self._last = {"accepted": len(accepted), "failures": failures, "uplink": up,
+                      "aggregate_s": time.monotonic() - aggregate_started,
+                      **{f"client_{part}_s": v for part, v in client_time.items()}}
         counters = MetricRecord({"clients-sampled": len(r.clients), "clients-ok": len(accepted),
                                  "clients-failed": len(failures), "uplink-bytes": up,
                                  "downlink-bytes": r.downlink_bytes})
@@ -216,15 +228,18 @@ class ContinualStrategy(Strategy):
 
     def record_round(self, plan: RoundPlan) -> dict:
         """Evaluate and record the metrics row of the round just aggregated."""
+        evaluate_started = time.monotonic()
         per_task, acc_seen = self.evaluate(plan.task)
         r, last = self._round, self._last
+        last["evaluate_s"] = time.monotonic() - evaluate_started
         row = {"global_round": plan.global_round, "task": plan.task, "round": plan.round, "phase": plan.phase,
                "clients_sampled": len(r.clients), "clients_ok": last["accepted"],
                "clients_failed": len(last["failures"]), "workers_lost": last.get("workers_lost", 0),
                "failures": ";".join(f"{c}:{kind}" for c, kind, _ in last["failures"]), "accuracy_seen": acc_seen,
                **{f"acc_task_{j}": a for j, a in enumerate(per_task)},
                "uplink_bytes": last["uplink"], "downlink_bytes": r.downlink_bytes,
-               "exchange_s": last.get("exchange_s", 0.0), "round_time_s": time.monotonic() - r.started}
+               "exchange_s": last.get("exchange_s", 0.0), "round_time_s": time.monotonic() - r.started,
+               **{k: last.get(k, 0.0) for k in TIMED}}
         for cb in self.callbacks:
             row.update(cb.on_round_end(self, plan, row))
         self.state.rows.append(row)
@@ -251,7 +266,9 @@ class ContinualStrategy(Strategy):
                 print(f"resuming {out} after global round {self.state.rounds_done}", flush=True)
         for cb in self.callbacks:
             cb.on_run_start(self)
+        registration_started = time.monotonic()
         self.nodes = register_clients(grid, self.num_clients)
+        self.timing = {"registration_s": time.monotonic() - registration_started, "checkpoint_s": 0.0}
         round_timeout = timeout if timeout is not None else float(self.cfg.get("round_timeout_s", 3600))
         for plan in self.plans[self.state.rounds_done:]:
             messages = self.configure_train(plan.global_round, None, None, grid)
@@ -261,10 +278,12 @@ class ContinualStrategy(Strategy):
             self.aggregate_train(plan.global_round, replies)
             self.state.failures += [{"round": plan.global_round, "task": plan.task, "client": c, "kind": "worker_lost",
                                      "reason": f"{reason} (asked again: recovered)"} for c, reason in self._recovered]
-            self._last.update(exchange_s=exchange_s, workers_lost=len(self._recovered))
+            self._last.update(exchange_s=exchange_s, workers_lost=len(self._recovered), configure_s=self._configure_s)
             self.record_round(plan)
+            checkpoint_started = time.monotonic()
             for cb in self.callbacks:
                 cb.on_checkpoint(self)
+            self.timing["checkpoint_s"] += time.monotonic() - checkpoint_started
         results = self.results()
         for cb in self.callbacks:
             cb.on_run_end(self, results)
@@ -311,6 +330,9 @@ class ContinualStrategy(Strategy):
                                                   "uplink_bytes", "downlink_bytes", "exchange_s")} for r in s.rows],
             },
             "failures": s.failures,
+            "timing": {**getattr(self, "timing", {}), **{k: float(sum(r.get(k, 0.0) for r in s.rows)) for k in TIMED},
+                       "exchange_s": float(sum(r["exchange_s"] for r in s.rows)),
+                       "rounds_s": float(sum(r["round_time_s"] for r in s.rows))},
             "num_clients": self.num_clients,
             "wall_time_s": s.elapsed_s + time.monotonic() - self.started,
         }
