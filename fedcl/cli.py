@@ -3,6 +3,7 @@ and prints a summary. Bad input exits with status 2 and a one-paragraph message,
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,20 +12,24 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fedcl.errors import ConfigError
+from fedcl.errors import ConfigError, RuntimeLost
 
 
 def run_experiment(cfg: DictConfig, run_dir: str, resume: bool = False) -> dict:
     """Validate, simulate, and return results.json's content (with end-to-end wall time).
     ``resume=True`` continues the killed run in ``run_dir`` from its last checkpointed round."""
     from fedcl import config, report
+    from fedcl.data.datasets import load_dataset
     from fedcl.experiment import get_experiment
     from fedcl.federation.simulation import simulate
 
     started = time.monotonic()
     config.validate(cfg)
-    exp = get_experiment(cfg)  # loads data now: a missing folder fails before Ray starts
-    config.validate_against_data(cfg, exp.data.num_classes)
+    # the data alone first (a missing folder fails before Ray starts): the scenario's partition
+    # costs time per client, so the client count is checked against the data before it
+    data = load_dataset(cfg.dataset, int(cfg.seed))
+    config.validate_against_data(cfg, data.num_classes, len(data.y_train))
+    get_experiment(cfg)
     path = Path(run_dir) / "results.json"
     simulate(cfg, run_dir, resume)
     if not path.exists():
@@ -62,6 +67,11 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"fedcl: configuration error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeLost as err:  # runtime faults: Ray died under the run; the checkpoint is intact
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"fedcl: runtime lost: {err}", file=sys.stderr)
+        sys.exit(3)
     print(report.format_summary_table(results))
     print(f"results: {run_dir}/results.json")
 

@@ -3,9 +3,13 @@
 ``run_simulation`` (what ``fedcl`` uses) passes the config to the apps through a closure. Under
 ``flwr run`` the apps compose the same Hydra config from the packaged ``conf/`` with the overrides
 given as one string: ``flwr run . --run-config 'overrides="num_clients=4 method=finetune"'``.
+The federation must have one SuperNode per client: ``--federation-config "num-supernodes=4"``
+(see docs/flwr_run.md).
 """
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import shlex
 import tempfile
@@ -24,7 +28,18 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 
 def config_from_context(context: Context) -> DictConfig:
-    return compose_config(shlex.split(str(context.run_config.get("overrides", ""))))
+    """The run's config, validated like the ``fedcl`` command's (a bad override fails the run with
+    a ConfigError naming it). Composed once per process: every client message asks for it."""
+    return copy.deepcopy(_validated_config(str(context.run_config.get("overrides", ""))))
+
+
+@functools.lru_cache(maxsize=4)
+def _validated_config(overrides: str) -> DictConfig:
+    from fedcl.config import validate  # here: fedcl.config imports parts of fedcl.federation
+
+    cfg = compose_config(shlex.split(overrides))
+    validate(cfg)
+    return cfg
 
 
 def run_dir_from_context(context: Context) -> str:
