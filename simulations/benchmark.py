@@ -104,7 +104,7 @@ def stock_flower(cfg) -> float:
     from fedcl.experiment import get_experiment
     from fedcl.federation.client_app import client_round
     from fedcl.federation.evaluation import evaluate_tasks
-    from fedcl.federation.simulation import backend_config
+    from fedcl.federation.runtime import backend_config
     from fedcl.methods.base import fit
 
     client_app = ClientApp()

@@ -60,7 +60,7 @@ def recorded_simulation(cfg, run_dir) -> tuple[dict, list]:
 
     from fedcl.federation.client_app import make_client_app
     from fedcl.federation.server_app import run_server
-    from fedcl.federation.simulation import backend_config
+    from fedcl.federation.runtime import backend_config
 
     app, grids = ServerApp(), []
 

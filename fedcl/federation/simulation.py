@@ -1,39 +1,213 @@
-"""Run a config as a Flower simulation on Ray (a local Ray, or a running cluster)."""
+"""Run a config as a Flower simulation on Ray (a local Ray, or a running cluster).
+
+The simulation runs in a child process that this one watches. Ray ends its driver process itself
+when the node's raylet or object store dies (no Python exception reaches fedcl), so only a parent
+can tell the user that the runtime was lost and how to continue: ``RuntimeLost``, whose message
+points to ``fedcl resume=<run dir>`` (the checkpoint after the last completed round is intact).
+Before anything starts, the Ray resources a client asks for are checked against what Ray has:
+otherwise Flower's actor pool is empty and the server waits for replies forever.
+"""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import pickle
+import re
+import signal
+import sys
+import traceback
 
 from omegaconf import DictConfig
 
+from fedcl.errors import ConfigError, RuntimeLost
+from fedcl.federation import runtime
+from fedcl.federation.runtime import backend_config
 from fedcl.federation.faults import INJECTED_CRASH
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
-
-def backend_config(cfg: DictConfig) -> dict:
-    """Ray resources per client; ``ray.address=auto`` attaches to an existing cluster."""
-    init_args: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if cfg.ray.address:
-        init_args["address"] = str(cfg.ray.address)
-    else:  # a Ray of our own, even if a `ray start` cluster runs here (ray.init would attach to it)
-        init_args["address"] = "local"
-        if cfg.ray.num_cpus:
-            init_args["num_cpus"] = int(cfg.ray.num_cpus)
-    return {"client_resources": {"num_cpus": float(cfg.ray.client_cpus),
-                                 "num_gpus": float(cfg.ray.client_gpus)},
-            "init_args": init_args}
+POLL_S = 1.0        # how often the parent looks whether the simulation process is still alive
+EXIT_GRACE_S = 30.0  # after its answer, the child's time to exit before it is killed
 
 
-def hide_injected_faults(record: logging.LogRecord) -> bool:
-    """Flower logs every client exception with its traceback; an injected crash (``faults.crash``)
-    is reported in the progress line and ``failures`` instead. Real errors still print."""
-    return INJECTED_CRASH not in record.getMessage()
+# ---- resources ------------------------------------------------------------------------------------
+def local_gpus() -> int:
+    """GPUs a locally started Ray would detect (it honours CUDA_VISIBLE_DEVICES)."""
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        manager = get_accelerator_manager_for_resource("GPU")
+        count = int(manager.get_current_node_num_accelerators())
+        visible = manager.get_current_process_visible_accelerator_ids()
+        return count if visible is None else min(count, len(visible))
+    except Exception:  # noqa: BLE001 - a private Ray API (2.55); torch sees the same devices
+        import torch
+
+        return torch.cuda.device_count()
 
 
+def node_resources(cfg: DictConfig) -> tuple[list[dict], str]:
+    """CPU and GPU counts of each Ray node the clients could run on, and where they come from."""
+    if not cfg.ray.address:
+        import ray._private.utils
+
+        detected = ray._private.utils.get_num_cpus()
+        cpus = float(cfg.ray.num_cpus) if cfg.ray.num_cpus else float(detected)
+        source = (f"the local Ray (ray.num_cpus={cfg.ray.num_cpus}; this machine has {detected} CPUs)"
+                  if cfg.ray.num_cpus else f"the local Ray (all {detected} CPUs of this machine)")
+        return [{"CPU": cpus, "GPU": float(local_gpus())}], source
+    import ray
+
+    try:  # a short visit: Flower connects again with its own settings
+        ray.init(address=str(cfg.ray.address), logging_level=logging.ERROR, include_dashboard=False)
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
+    except (ConnectionError, RuntimeError) as err:
+        raise ConfigError(f"ray.address={cfg.ray.address}: no Ray cluster could be reached ({err}). Start one "
+                          "(`ray start --head`), give its address, or leave ray.address unset to start a "
+                          "Ray of fedcl's own.") from None
+    finally:
+        ray.shutdown()
+    return nodes, f"the Ray cluster at ray.address={cfg.ray.address} ({len(nodes)} nodes)"
+
+
+def check_resources(cfg: DictConfig) -> None:
+    """ConfigError unless at least one client fits on a Ray node, counted as Flower sizes its pool."""
+    need_cpu, need_gpu = float(cfg.ray.client_cpus), float(cfg.ray.client_gpus)
+    if cfg.ray.num_cpus is not None and not cfg.ray.address and float(cfg.ray.num_cpus) < 1:
+        raise ConfigError(f"ray.num_cpus={cfg.ray.num_cpus} must be >= 1 (or null: all CPUs of this machine).")
+    nodes, source = node_resources(cfg)
+    cpus = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    gpus = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    fits = [n for n in nodes if n.get("CPU", 0.0) >= need_cpu and (need_gpu == 0 or n.get("GPU", 0.0) >= need_gpu)]
+    if fits:
+        return
+    if need_gpu > gpus:
+        where = " on its largest node" if cfg.ray.address else ""
+        raise ConfigError(f"ray.client_gpus={cfg.ray.client_gpus} asks for a GPU share per client, but {source} has "
+                          f"{gpus:g} GPUs{where}: no client could start and the run would wait forever. Set "
+                          "ray.client_gpus=0 to train on CPUs, or run where Ray has a GPU.")
+    raise ConfigError(f"ray.client_cpus={cfg.ray.client_cpus} is more CPUs per client than {source} has on one "
+                      f"node ({cpus:g}): no client could start and the run would wait forever. Set "
+                      f"ray.client_cpus to at most {cpus:g} (fractions are allowed)"
+                      + (" or raise ray.num_cpus." if not cfg.ray.address else "."))
+
+
+# ---- logs -----------------------------------------------------------------------------------------
+_LOST_WORKER_LOG = re.compile(r"ray\.exceptions\.(ActorDiedError|ActorUnavailableError)|^The actor \S* ?(died|is "
+                              r"unavailable)")
+
+
+def hide_reported_faults(record: logging.LogRecord) -> bool:
+    """Flower logs every failed client with its traceback. An injected crash (``faults.crash``) and
+    a lost Ray worker (asked again, see ``runtime``) are reported in the progress line and
+    ``failures`` instead. Other errors still print."""
+    message = record.getMessage()
+    return INJECTED_CRASH not in message and not _LOST_WORKER_LOG.search(message)
+
+
+
+# ---- the simulation, in a child process -------------------------------------------------------------
 def simulate(cfg: DictConfig, run_dir: str, resume: bool = False) -> None:
+    """Run the simulation in a child process; its exceptions are raised here.
+
+    ConfigError for resources Ray does not have; RuntimeLost when Ray fails under the run (the
+    child then ended without an answer, or with a Ray error).
+    """
+    check_resources(cfg)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch or Ray threads
+    answers, answer = context.Pipe(duplex=False)
+    child = context.Process(target=_simulate_in_child, args=(cfg, run_dir, resume, answer), name="fedcl-simulation")
+    child.start()
+    answer.close()
+    try:
+        while not answers.poll(POLL_S):
+            if not child.is_alive():
+                break
+        outcome = answers.recv() if answers.poll(0) else None
+    except EOFError:
+        outcome = None
+    except BaseException:  # Ctrl-C or the like: do not leave the simulation running
+        _stop(child)
+        raise
+    finally:
+        answers.close()
+    child.join(EXIT_GRACE_S)
+    if child.is_alive():
+        _stop(child)
+    if outcome is None:
+        raise RuntimeLost(run_dir, f"the simulation process (the Ray driver) ended with {exit_text(child.exitcode)} "
+                                   "before the run finished; Ray ends its driver when the node's raylet, object "
+                                   "store or GCS dies, and the OOM killer may pick it too")
+    if outcome != "ok":
+        error, child_traceback = outcome
+        if not isinstance(error, (ConfigError, RuntimeLost)):  # unexpected: keep the child's traceback
+            error.__cause__ = ChildTraceback(child_traceback)
+        raise error
+
+
+class ChildTraceback(Exception):
+    """The traceback of an exception raised in the simulation process, as text."""
+
+    def __str__(self) -> str:
+        return "\n\nin the simulation process:\n" + self.args[0]
+
+
+def exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit status {code}"
+
+
+def _stop(child) -> None:
+    child.terminate()
+    child.join(EXIT_GRACE_S)
+    if child.is_alive():
+        child.kill()
+        child.join()
+
+
+def _simulate_in_child(cfg: DictConfig, run_dir: str, resume: bool, answer) -> None:
+    """The child's whole life: simulate, send "ok" or (exception, traceback text), exit at once
+    (a server thread still waiting for replies of a crashed runtime must not keep it alive)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run_simulation_here(cfg, run_dir, resume)
+        outcome = "ok"
+    except BaseException as err:  # noqa: BLE001 - everything goes to the parent
+        outcome = (as_runtime_lost(err, run_dir), traceback.format_exc())
+    try:
+        pickle.loads(pickle.dumps(outcome))  # what the parent could not rebuild, it gets as text
+    except Exception:  # noqa: BLE001
+        error, text = outcome
+        outcome = (RuntimeError(f"{type(error).__name__}: {error}"), text)
+    try:
+        answer.send(outcome)
+    finally:
+        answer.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def as_runtime_lost(err: BaseException, run_dir: str) -> BaseException:
+    """A Ray error anywhere in ``err``'s chain means the runtime failed: RuntimeLost."""
+    if isinstance(err, (ConfigError, RuntimeLost)):
+        return err
+    seen, cause = set(), err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if type(cause).__module__.startswith("ray."):
+            return RuntimeLost(run_dir, f"Ray failed under the simulation ({type(cause).__name__}: "
+                                        f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''})")
+        cause = cause.__cause__ or cause.__context__
+    return err
+
+
+def run_simulation_here(cfg: DictConfig, run_dir: str, resume: bool = False) -> None:
+    """The Flower simulation in this process (``simulate`` runs it in a child)."""
     from flwr.simulation import run_simulation
 
     from fedcl.federation.client_app import make_client_app
@@ -42,6 +216,6 @@ def simulate(cfg: DictConfig, run_dir: str, resume: bool = False) -> None:
     # Flower logs through its own console handler; without this Hydra's root handler repeats it
     # at DEBUG level.
     logging.getLogger("flwr").propagate = False
-    logging.getLogger("flwr").addFilter(hide_injected_faults)
+    logging.getLogger("flwr").addFilter(hide_reported_faults)
     run_simulation(server_app=make_server_app(cfg, run_dir, resume), client_app=make_client_app(cfg, run_dir),
                    num_supernodes=int(cfg.num_clients), backend_config=backend_config(cfg))

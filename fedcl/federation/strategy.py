@@ -115,7 +115,7 @@ class ContinualStrategy(Strategy):
 
     def backend_config(self) -> dict:
         """Ray resources per client for ``run_simulation`` (``ray.*`` in the config)."""
-        from fedcl.federation.simulation import backend_config
+        from fedcl.federation.runtime import backend_config
 
         return backend_config(self.cfg)
 
