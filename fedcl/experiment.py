@@ -14,10 +14,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fedcl.data.datasets import DataSplit, load_dataset, to_float
+from fedcl.data.datasets import DataSplit, load_dataset
 from fedcl.data.scenario import Scenario, build_scenario
+from fedcl.data.transforms import InputPipeline, input_pipeline
 from fedcl.methods.base import Method
-from fedcl.models.backbones import ClassIncrementalNet, build_model
+from fedcl.models.backbones import ClassIncrementalNet, build_model, check_model, model_input_config
 
 
 @dataclass
@@ -26,24 +27,29 @@ class Experiment:
     data: DataSplit
     scenario: Scenario
     method: Method
+    pipeline: InputPipeline  # uint8 rows -> model inputs: resize, augmentation, normalisation
 
     def new_model(self, prepared: bool = True) -> ClassIncrementalNet:
         """A model with the run's deterministic initialisation (same on server and clients);
         ``prepared=False`` gives the plain backbone + head, before the method adds its parts."""
         torch.manual_seed(int(self.cfg.seed))
-        model = build_model(self.cfg.model, self.data.x_train.shape[1], self.data.num_classes,
-                            self.data.x_train.shape[-1])
+        model = build_model(self.cfg.model, self.data.x_train.shape[1], self.data.num_classes, self.pipeline.size)
         return self.method.prepare_model(model) if prepared else model
 
     def train_images(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
-        return to_float(self.data.x_train[rows], self.data.mean, self.data.std).to(device)
+        """Training rows as the model sees them at evaluation (features, bases, audits): never augmented."""
+        return self.pipeline(self.data.x_train[rows], device)
+
+    def augmented_images(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        """Training rows as a training batch: augmented under ``dataset.augment=true``."""
+        return self.pipeline(self.data.x_train[rows], device, train=True)
 
     def train_labels(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
         return torch.from_numpy(self.scenario.y_train[rows]).to(device)
 
-    @functools.cached_property
-    def test_images(self) -> torch.Tensor:
-        return to_float(self.data.x_test, self.data.mean, self.data.std)
+    def test_images(self, rows: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Test rows as model inputs; a few rows at a time, since all of them at 224 px would not fit."""
+        return self.pipeline(self.data.x_test[rows], device)
 
 
 def config_key(cfg: DictConfig) -> str:
@@ -60,10 +66,15 @@ def _build(key: str) -> Experiment:
     scenario = build_scenario(data.y_train, data.y_test, data.num_classes, int(cfg.num_tasks),
                               int(cfg.num_clients), cfg.partition, int(cfg.seed),
                               cfg.scenario.get("base_classes", None))
+    pipeline = input_pipeline(cfg.dataset, data, model_input_config(cfg.model))
+    check_model(cfg.model, pipeline.size)  # the input size is known only now (null: the data's native size)
+    if cfg.model.get("pretrained", False) or cfg.model.get("checkpoint", None):
+        # weights that are missing or do not fit fail here, before Ray starts (and the file is read once)
+        build_model(cfg.model, data.x_train.shape[1], data.num_classes, pipeline.size)
     method = instantiate(cfg.method, _convert_="all")
-    shape = OmegaConf.merge(cfg, {"input_dim": int(np.prod(data.x_train.shape[1:]))})
+    shape = OmegaConf.merge(cfg, {"input_dim": int(data.x_train.shape[1] * pipeline.size ** 2)})
     method.bind(int(cfg.num_tasks), scenario.task_starts, shape)
-    return Experiment(cfg, data, scenario, method)
+    return Experiment(cfg, data, scenario, method, pipeline)
 
 
 def get_experiment(cfg: DictConfig) -> Experiment:

@@ -1,4 +1,5 @@
-"""Data sets as uint8 image arrays (N, C, H, W) plus int64 labels; models normalise with mean/std.
+"""Data sets as uint8 image arrays (N, C, H, W) plus int64 labels; fedcl.data.transforms turns a
+batch of rows into model inputs (resize, augmentation, normalisation with mean/std).
 
 uint8 keeps every worker's copy small (CIFAR-100's training set is 150 MB, not 600 MB as float32).
 Torchvision sets are read from ``dataset.root`` and fetched only when ``dataset.download=true``.
@@ -83,7 +84,7 @@ def load_digits(cfg, seed: int) -> DataSplit:
 def load_synthetic(cfg, seed: int) -> DataSplit:
     """Learnable images with no files: per class a smooth random prototype (a 4x4 random pattern
     upsampled bilinearly); each sample is the prototype shifted by a few pixels plus Gaussian noise."""
-    k, size, ch = int(cfg.num_classes), int(cfg.image_size), int(cfg.channels)
+    k, size, ch = int(cfg.num_classes), int(cfg.image_size or 16), int(cfg.channels)
     m = max(1, size // 16)  # largest shift in pixels
     coarse = np.random.default_rng([seed, 0]).uniform(0, 255, (k, ch, 4, 4)).astype(np.float32)
     big = F.interpolate(torch.from_numpy(coarse), size=(size + 2 * m,) * 2, mode="bilinear",
@@ -152,7 +153,7 @@ def load_imagefolder(cfg, seed: int) -> DataSplit:
 
     layout = "train/<class>/*.png and test/<class>/*.png (the same class folders in both)"
     root = _need_root(cfg, layout, "")
-    size = int(getattr(cfg, "image_size", 32))
+    size = int(getattr(cfg, "image_size", None) or 32)  # stored at that size: no batch resize
     sets = {}
     for split in ("train", "test"):
         if not (root / split).is_dir():

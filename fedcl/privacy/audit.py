@@ -79,7 +79,7 @@ def audit_client(exp, global_arrays: dict, reply: dict, task: int, client: int, 
     nonmembers = scenario.test_indices[task]
     seen = scenario.seen_classes(final_task)
     xm, ym = exp.train_images(members, torch.device("cpu")), exp.train_labels(members, torch.device("cpu"))
-    xn = exp.test_images[nonmembers]
+    xn = exp.test_images(nonmembers)
     yn = torch.from_numpy(scenario.y_test[nonmembers])
     losses = {}
     for name, arrays in (("global", global_arrays), ("client", apply_reply(global_arrays, reply, first, end))):
@@ -137,7 +137,7 @@ def audit_basis(exp, arrays: dict[str, np.ndarray], task: int, client: int) -> d
     members, nonmembers = scenario.client_indices[task][client], scenario.test_indices[task]
     cpu = torch.device("cpu")
     fm = exp.train_images(members, cpu).flatten(1).double().numpy()
-    fn = exp.test_images[nonmembers].flatten(1).double().numpy()
+    fn = exp.test_images(nonmembers).flatten(1).double().numpy()
     auc, tpr = roc_summary(basis_residual_scores(basis, fm), basis_residual_scores(basis, fn),
                            scenario.y_train[members], scenario.y_test[nonmembers])
     return {"basis_mia_auc": auc, "basis_mia_tpr_at_1fpr": tpr, "basis_mia_task": task,

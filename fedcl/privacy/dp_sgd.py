@@ -113,14 +113,14 @@ def dp_fit(model: torch.nn.Module, rows: np.ndarray, ctx, extra_loss, first_clas
             batch = rows[picked]
             opt.zero_grad(set_to_none=True)
             if len(batch) and not hooks:  # per-sample gradients with torch.func (DualLoRA)
-                x, y = ctx.images(batch), ctx.labels(batch)
+                x, y = (ctx.train_images or ctx.images)(batch), ctx.labels(batch)
                 with torch.no_grad():
                     if extra_loss(x, model(x)[:, first_class:ctx.seen_classes]) is not None:
                         raise ConfigError("privacy.local_dp_sgd: this method adds a loss term that the "
                                           "per-sample (torch.func) DP-SGD path does not cover.")
                 functorch_grad_samples(model, named, x, y, first_class, ctx.seen_classes)
             elif len(batch):
-                x, y = ctx.images(batch), ctx.labels(batch)
+                x, y = (ctx.train_images or ctx.images)(batch), ctx.labels(batch)
                 logits = gsm(x)[:, first_class:ctx.seen_classes]
                 loss = F.cross_entropy(logits, y - first_class)
                 extra = extra_loss(x, logits)
