@@ -107,3 +107,20 @@ def test_a_users_own_server_app_runs_a_two_task_experiment(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert len(results["accuracy_matrix"]) == 2 and results["accuracy_matrix"][0][0] > 0.3
     assert (run_dir / "metrics.csv").exists()
+
+
+def test_a_users_callback_admits_clients_and_adds_columns(tmp_path):
+    from fedcl import ContinualStrategy
+    from fedcl.federation.hooks import ServerCallback
+
+    class OnlyEven(ServerCallback):
+        def admit(self, clients, plan):
+            return [c for c in clients if c % 2 == 0]
+
+        def client_config(self, client, plan):
+            return {"note": f"client {client}"}
+
+    s = ContinualStrategy.from_overrides(TINY, run_dir=str(tmp_path), callbacks=[OnlyEven()])
+    messages = s.configure_train(1, None, None, grid=None)
+    assert [m.metadata.dst_node_id for m in messages] == [0, 2]
+    assert messages[1].content["config"]["note"] == "client 2"

@@ -9,6 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
+from fedcl.federation import runtime
 from fedcl.federation.run_config import config_from_context, run_dir_from_context
 from fedcl.federation.strategy import ContinualStrategy
 
@@ -29,7 +30,10 @@ def make_server_app(cfg: DictConfig, run_dir: str, resume: bool = False) -> Serv
     return app
 
 
-# `flwr run .`: the config comes from the run config (see fedcl.federation.run_config).
+# `flwr run .`: the config comes from the run config (see fedcl.federation.run_config). Flower builds
+# the Ray backend in its own process there, so fedcl's actor pool (a dead worker replaced) is
+# installed when this module is imported.
+runtime.install()
 app = ServerApp()
 
 

@@ -269,6 +269,7 @@ class ContinualStrategy(Strategy):
         registration_started = time.monotonic()
         self.nodes = register_clients(grid, self.num_clients)
         self.timing = {"registration_s": time.monotonic() - registration_started, "checkpoint_s": 0.0}
+        self.cluster = ray_cluster()  # now: after the last round the GCS may be gone (see fedcl.federation.runtime)
         round_timeout = timeout if timeout is not None else float(self.cfg.get("round_timeout_s", 3600))
         for plan in self.plans[self.state.rounds_done:]:
             messages = self.configure_train(plan.global_round, None, None, grid)
@@ -336,8 +337,8 @@ class ContinualStrategy(Strategy):
             "num_clients": self.num_clients,
             "wall_time_s": s.elapsed_s + time.monotonic() - self.started,
         }
-        if (cluster := ray_cluster()) is not None:
-            results["ray"] = cluster
+        if getattr(self, "cluster", None) is not None:
+            results["ray"] = self.cluster
         if (counts := method.parameter_counts(self.model)) is not None:
             results["parameters"] = counts
         return results
