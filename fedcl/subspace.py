@@ -52,7 +52,8 @@ def basis_from_matrix(R: np.ndarray, threshold: float, old: np.ndarray | None = 
     return u[:, :m], s[:m]
 
 
-def client_basis(features: np.ndarray, threshold: float, old: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def client_basis(features: np.ndarray, threshold: float,
+                 old: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Basis of a client's representations ``features`` (N x d) for one layer."""
     return basis_from_matrix(np.asarray(features).T, threshold, old)
 

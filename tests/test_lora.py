@@ -45,7 +45,7 @@ def test_inject_freezes_base_and_exports_only_adapters():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"0.lora_A.weight", "0.lora_B.weight"}
     assert set(lora_state_dict(model)) == trainable
-    with pytest.raises(ConfigError, match="match no Linear"):
+    with pytest.raises(ConfigError, match="matches no Linear"):
         inject_lora(nn.Sequential(nn.Linear(2, 2)), ["attn"], r=1, alpha=1)
 
 

@@ -91,18 +91,32 @@ def check_rank(layer: nn.Module, r: int) -> tuple[int, int]:
     return fan_in, fan_out
 
 
+def match_targets(model: nn.Module, targets: str | list[str], kinds: tuple[type, ...] = (nn.Linear, nn.Conv2d),
+                  option: str = "LoRA target modules") -> list[str]:
+    """Names of the ``kinds`` layers whose dotted name matches a target regex (full match, or a
+    suffix after a dot, so ``attn.qkv`` finds ``blocks.3.attn.qkv``). Every pattern must match."""
+    patterns = [targets] if isinstance(targets, str) else list(targets)
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as err:
+            raise ConfigError(f"{option}: {p!r} is not a regular expression ({err}).") from None
+    layers = [name for name, m in model.named_modules() if isinstance(m, kinds)]
+    hit = lambda p, name: re.fullmatch(p, name) or re.fullmatch(rf".*\.{p}", name)
+    unmatched = [p for p in patterns if not any(hit(p, name) for name in layers)]
+    if unmatched or not patterns:
+        kind = " or ".join(k.__name__ for k in kinds)
+        raise ConfigError(f"{option}={patterns}: {unmatched or 'an empty list'} matches no {kind} layer of "
+                          f"{type(model).__name__}; give regexes on its layer names, which look like "
+                          f"{layers[:6]}.")
+    return [name for name in layers if any(hit(p, name) for p in patterns)]
+
+
 def inject_lora(model: nn.Module, targets: str | list[str], r: int, alpha: float,
                 dropout: float = 0.0) -> list[str]:
-    """Replace every Linear/Conv2d whose dotted name matches a target regex (full match, or a
-    suffix after a dot) with a LoRALayer; freeze everything else. Returns the adapted names."""
-    patterns = [targets] if isinstance(targets, str) else list(targets)
-    matches = [name for name, m in model.named_modules()
-               if isinstance(m, (nn.Linear, nn.Conv2d))
-               and any(re.fullmatch(p, name) or re.fullmatch(rf".*\.{p}", name) for p in patterns)]
-    if not matches:
-        raise ConfigError(f"LoRA target modules {patterns} match no Linear or Conv2d layer of "
-                          f"{type(model).__name__}; layer names look like "
-                          f"{[n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:5]}.")
+    """Replace every Linear/Conv2d whose dotted name matches a target regex (see ``match_targets``)
+    with a LoRALayer; freeze everything else. Returns the adapted names."""
+    matches = match_targets(model, targets)
     model.requires_grad_(False)
     for name in matches:
         parent_name, _, child = name.rpartition(".")

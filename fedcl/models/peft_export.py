@@ -23,7 +23,8 @@ def export_peft(folder: str | Path, factors: dict[str, list[tuple[torch.Tensor, 
     n = max(len(branches) for branches in factors.values())
     tensors = {}
     for module, branches in factors.items():
-        branches = branches + [(torch.zeros_like(branches[0][0]), torch.zeros_like(branches[0][1]))] * (n - len(branches))
+        empty = (torch.zeros_like(branches[0][0]), torch.zeros_like(branches[0][1]))
+        branches = branches + [empty] * (n - len(branches))
         tensors[f"base_model.model.{module}.lora_A.weight"] = torch.cat([a for a, _ in branches], 0).contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = torch.cat([b for _, b in branches], 1).contiguous()
     save_file(tensors, str(folder / "adapter_model.safetensors"))
