@@ -29,7 +29,7 @@ def run_experiment(cfg: DictConfig, run_dir: str, resume: bool = False) -> dict:
     # costs time per client, so the client count is checked against the data before it
     data = load_dataset(cfg.dataset, int(cfg.seed))
     config.validate_against_data(cfg, data.num_classes, len(data.y_train))
-    get_experiment(cfg)
+    get_experiment(cfg).new_model()  # a model the method cannot adapt is a ConfigError here, not in a Ray worker
     path = Path(run_dir) / "results.json"
     simulate(cfg, run_dir, resume)
     if not path.exists():
