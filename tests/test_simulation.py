@@ -53,8 +53,9 @@ class RecordingGrid:
         return replies
 
 
-def recorded_simulation(cfg, run_dir) -> tuple[dict, list]:
-    """Run a real Flower simulation of ``cfg`` through a RecordingGrid: (results.json, message log)."""
+def recorded_simulation(cfg, run_dir, recorder: bool = False) -> tuple[dict, list]:
+    """Run a real Flower simulation of ``cfg`` through a RecordingGrid: (results.json, message log),
+    or (results.json, the RecordingGrid) with ``recorder=True``."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -71,7 +72,7 @@ def recorded_simulation(cfg, run_dir) -> tuple[dict, list]:
 
     run_simulation(app, make_client_app(cfg, str(run_dir)), num_supernodes=int(cfg.num_clients),
                    backend_config=backend_config(cfg))
-    return json.loads((run_dir / "results.json").read_text()), grids[0].log
+    return json.loads((run_dir / "results.json").read_text()), grids[0] if recorder else grids[0].log
 
 
 def test_duallora_sends_only_lora_bases_and_head_rows_after_the_base_session(tmp_path, make_cfg):

@@ -95,7 +95,7 @@ def client_step(cfg: DictConfig, run_dir: str, client: int, conf: dict, sent: di
             return None, {**idle, "arrival-s": math.inf}  # its reply never arrives
         if verdict == "skip":
             return None, idle
-    received = hold(run_dir, state, sent, manifest)
+    received = hold(cfg, run_dir, state, sent, manifest)
     clock.lap("load")
     model = fresh_model(cfg).to(ctx.device)
     exp.method.load_payload(model, received)
@@ -132,7 +132,20 @@ class Stopwatch:
         return {f"time-{part}-s": seconds for part, seconds in self.spent.items()}
 
 
-def hold(run_dir: str, state: dict, sent: dict[str, np.ndarray], manifest: dict | None) -> dict[str, np.ndarray]:
+def initial_arrays(cfg: DictConfig) -> dict[str, np.ndarray]:
+    """The global arrays at version 0, as the server's ``init_global`` makes them (once per worker)."""
+    key = config_key(cfg)
+    if key not in _INITIAL:
+        _INITIAL.clear()
+        _INITIAL[key] = get_experiment(cfg).method.init_global(pristine_model(cfg))
+    return _INITIAL[key]
+
+
+_INITIAL: dict[str, dict[str, np.ndarray]] = {}
+
+
+def hold(cfg: DictConfig, run_dir: str, state: dict, sent: dict[str, np.ndarray],
+         manifest: dict | None) -> dict[str, np.ndarray]:
     """Every array the round needs: the ones sent, and the rest from what this client holds. The
     client's state records the version of each array it holds (saved with the state at the end of
     a successful round, so a failed round leaves it as it was)."""
@@ -143,6 +156,9 @@ def hold(run_dir: str, state: dict, sent: dict[str, np.ndarray], manifest: dict 
     out = {}
     for key, version in zip(manifest["keys"], manifest["versions"]):
         version = int(version)
+        if version == 0 and key not in sent:  # the initial state: this client built it itself
+            out[key] = initial_arrays(cfg)[key]
+            continue
         if key in sent:
             out[key] = sent[key]
             held_arrays.put(key, version, sent[key])
@@ -169,7 +185,8 @@ def train(cfg: DictConfig, run_dir: str, msg: Message, context: Context) -> Mess
 
 
 def identify(msg: Message, context: Context, cfg: DictConfig | None = None) -> Message:
-    """Handshake: tell the server which partition (client id) this node simulates. The worker
+    """Handshake: tell the server which partition (client id) this node simulates; asked only where
+    the simulation engine runs in another process (``flwr run``, see ``registration``). The worker
     loads the data set and builds the model here, so no round's first client pays for it."""
     if cfg is not None:
         pristine_model(cfg)  # data set and model, once per worker

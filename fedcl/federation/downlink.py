@@ -1,7 +1,8 @@
 """Versioned downlink: a client is sent only the global arrays that changed since it last held them.
 
 The server keeps, for every global array, its version: the global round whose aggregation last
-replaced it (0: the initial state). For every client it keeps when it last synced (the round of
+replaced it (0: the initial state, which no client is sent: each builds the same initial model
+from the run's seed, as the server does). For every client it keeps when it last synced (the round of
 its last successful reply) and which keys it was then given. A key changed in round g >= that
 round is newer than what the client holds; anything else the client already has. Clients whose
 round failed keep their old sync point, so they are sent what they missed next time.
@@ -37,12 +38,14 @@ class DownlinkState:
             return len(self.keysets) - 1
 
     def stale(self, client: int, keys) -> list[str]:
-        """The keys this client must be sent (all of them if it never synced)."""
+        """The keys this client must be sent. Version 0 never: every client builds the same initial
+        model from the run's seed, so it holds the initial state from the start."""
         synced = self.synced.get(client)
         if synced is None:
-            return list(keys)
+            return [k for k in keys if self.versions.get(k, -1) != 0]
         since, held = synced[0], set(self.keysets[synced[1]])
-        return [k for k in keys if k not in held or self.versions.get(k, since) >= since]
+        return [k for k in keys if self.versions.get(k, -1) != 0
+                and (k not in held or self.versions.get(k, since) >= since)]
 
     def mark_synced(self, client: int, global_round: int, keys) -> None:
         self.synced[client] = (global_round, self.keyset_id(keys))
