@@ -28,6 +28,7 @@ TYPES = {
                      "privacy.audit_max_clients", "aggregator.byzantine", "aggregator.multi", "method.ca_epochs",
                      "method.ca_samples"], "int"),
     **dict.fromkeys(["dataset.image_size", "ray.num_cpus", "scenario.base_classes", "method.base_epochs",
+                     "method.memory_total",
                      "method.freeze_base_after"], "int?"),
     **dict.fromkeys(["lr", "momentum", "weight_decay", "fraction_train", "ray.client_cpus", "ray.client_gpus",
                      "round_timeout_s", "method.ca_lr",

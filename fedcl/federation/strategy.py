@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedcl import metrics
 from fedcl.errors import RuntimeLost
-from fedcl.experiment import get_experiment
+from fedcl.experiment import get_experiment, resolve_device
 from fedcl.federation import checkpoint
 from fedcl.federation.callbacks import Checkpointer, MetricsFile, Progress, ResultsWriter
 from fedcl.federation.client_app import Stopwatch
@@ -79,7 +79,8 @@ class ContinualStrategy(Strategy):
         concerns = [*mechanisms(cfg), FaultInjection(cfg)]
         built_in = ([Progress()] if cfg.get("progress", True) else []) + [MetricsFile(), Checkpointer()]
         self.callbacks = [c.server_callback() for c in concerns] + list(callbacks or []) + built_in + [ResultsWriter()]
-        self.model = self.experiment.new_model()  # the server's model: initial state, then the global arrays
+        # the server's model (initial state, then the global arrays), evaluated on a GPU when there is one
+        self.model = self.experiment.new_model().to(resolve_device(str(cfg.device)))
         self.state = ServerState(freeze(self.method.init_global(self.model)))
         self.state.downlink.versions = {k: 0 for k in self.state.global_arrays}
         self.nodes: dict[int, int] = {}   # partition id -> Flower node id (set by start)

@@ -217,7 +217,8 @@ class DualLoRA(Method):
         if ctx.phase.startswith("basis"):
             return self.client_bases(model, ctx)
         s, e = self.starts[ctx.task], self.starts[ctx.task + 1]
-        out = {k: v for k, v in model.state_dict().items() if k in self.adapter_keys(model.state_dict(), ctx.task)}
+        state = model.state_dict()
+        out = {k: state[k] for k in self.adapter_keys(state, ctx.task)}
         out["head_rows.weight"] = model.head.weight.detach()[s:e]
         out["head_rows.bias"] = model.head.bias.detach()[s:e]
         return out
