@@ -131,3 +131,12 @@ def test_cli_rejects_bad_input_with_a_clear_message(tmp_path, override, message)
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_codec_keeps_zero_dimensional_arrays():
+    import numpy as np
+
+    from fedcl.federation.codec import from_record, to_record
+
+    out = from_record(to_record({"num_batches_tracked": np.array(7), "w": np.zeros((3, 2)).T}))
+    assert out["num_batches_tracked"].shape == () and out["w"].shape == (2, 3)

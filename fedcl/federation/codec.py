@@ -13,7 +13,7 @@ def to_record(arrays: dict[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
     for name, value in arrays.items():
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu().numpy()
-        out[name] = Array(np.ascontiguousarray(value))
+        out[name] = Array(np.require(value, requirements="C"))  # ascontiguousarray would make 0-d arrays 1-d
     return ArrayRecord(out)
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedcl.aggregation.rules import MEAN, AggregationRule
 from fedcl.errors import ConfigError
 from fedcl.federation.lora_aggregation import aggregate_lora, check_scheme
 from fedcl.methods.base import ClientRound, Method, autocast, local_batches, local_optimizer, weighted_mean
@@ -74,6 +75,8 @@ def is_base(key: str) -> bool:
 
 
 class DLC(Method):
+    supports_dp_sgd = False  # a step trains the base and the plugin path with two separate gradients
+
     def __init__(self, name: str = "dlc", base: str = "replay", memory_per_class: int = 5,
                  kd_weight: float = 1.0, temperature: float = 2.0, stages="auto", rank: int = 2,
                  alpha: float = 4.0, freeze_base_after: int | None = None, weight_loss: float = 1.0,
@@ -160,7 +163,7 @@ class DLC(Method):
             for k, v in model.dlc_head.state_dict().items():
                 v[:lo] = kept[k][:lo]
                 v[hi:] = kept[k][hi:]
-        return int(len(rows))
+        return len(rows)
 
     def local_train(self, model: DLCNet, rows: np.ndarray, ctx: ClientRound, state: dict, frozen: bool) -> None:
         base_params = [p for n, p in model.named_parameters() if p.requires_grad and is_base(n)]
@@ -175,16 +178,19 @@ class DLC(Method):
         model.train()
         for x, y in local_batches(rows, ctx):
             opt.zero_grad(set_to_none=True)
+            h = None
             if base_params:  # the base method's own step, on the plain path
                 model.mode = "plain"
                 with autocast(ctx):
-                    logits = model(x)[:, :seen]
+                    h = model.shallow(x)  # computed once: the plugin path starts from it, detached
+                    logits = model(x, h)[:, :seen]
                     loss = F.cross_entropy(logits, y)
                     extra = self.base.extra_loss(model, x, logits, ctx, state)
                 (loss if extra is None else loss + extra).backward()
+                h = h.detach()
             model.mode = "dlc"
             with autocast(ctx):
-                loss = self.plugin_loss(model, x, y, ctx, state, frozen)
+                loss = self.plugin_loss(model, x, y, ctx, state, frozen, h)
             if base_params:  # the plugin path's gradient stops at the base
                 grads = torch.autograd.grad(loss, dlc_params, allow_unused=True)
                 for p, g in zip(dlc_params, grads):
@@ -197,8 +203,9 @@ class DLC(Method):
             h.remove()
         model.mode = "dlc"
 
-    def plugin_loss(self, model: DLCNet, x, y, ctx: ClientRound, state: dict, frozen: bool) -> torch.Tensor:
-        logits = model(x)[:, :ctx.seen_classes]
+    def plugin_loss(self, model: DLCNet, x, y, ctx: ClientRound, state: dict, frozen: bool,
+                    h: torch.Tensor | None = None) -> torch.Tensor:
+        logits = model(x, h)[:, :ctx.seen_classes]
         task = self.task_of(y)
         # every task present in the batch weighs the same (a few exemplars vs the current task)
         w = 1.0 / torch.bincount(task, minlength=ctx.task + 1)[task].float()
@@ -217,9 +224,11 @@ class DLC(Method):
         if ctx.phase == "base_end":
             return {}
         state = model.state_dict()
+        # 0-d arrays (BatchNorm's num_batches_tracked, unused with a momentum) come back as (1,) from
+        # np.ascontiguousarray in the codec and the server rejects the reply's shape: they stay home
         out = {k: v for k, v in state.items()
-               if (is_plugin(k) and plugin_task(k) == ctx.task) or k.startswith("weighting.")
-               or (is_base(k) and not self.frozen(ctx.task))}
+               if v.dim() and ((is_plugin(k) and plugin_task(k) == ctx.task) or k.startswith("weighting.")
+                               or (is_base(k) and not self.frozen(ctx.task)))}
         lo, hi = self.head_rows(ctx.task)
         out["dlc_head_rows.weight"] = model.dlc_head.weight.detach()[lo:hi]
         out["dlc_head_rows.bias"] = model.dlc_head.bias.detach()[lo:hi]
@@ -238,7 +247,7 @@ class DLC(Method):
                 if not (is_plugin(k) and plugin_task(k) > task)          # not yet trained: clients' init
                 and not (is_base(k) and self.frozen(task))}               # frozen: clients keep it
 
-    def aggregate(self, global_arrays, replies, task, phase):
+    def aggregate(self, global_arrays, replies, task, phase, rule: AggregationRule = MEAN):
         g = dict(global_arrays)
         if phase != "train":
             return g
@@ -248,12 +257,12 @@ class DLC(Method):
             a_key, b_key = f"{layer}.lora_A.{task}.weight", f"{layer}.lora_B.{task}.weight"
             a_shape, b_shape = g[a_key].shape, g[b_key].shape
             a, b = aggregate_lora([(r[a_key].reshape(a_shape[0], -1), r[b_key].reshape(b_shape[0], -1))
-                                   for r, _ in replies], weights, self.lora_aggregation)
+                                   for r, _ in replies], weights, self.lora_aggregation, rule)
             g[a_key], g[b_key] = a.reshape(a_shape), b.reshape(b_shape)
         rest = [k for k in keys if not is_plugin(k) and not k.startswith("dlc_head_rows.")]
-        g.update(weighted_mean([({k: r[k] for k in rest}, n) for r, n in replies]))
+        g.update(weighted_mean([({k: r[k] for k in rest}, n) for r, n in replies], rule))
         rows = weighted_mean([({k: r[k] for k in ("dlc_head_rows.weight", "dlc_head_rows.bias")}, n)
-                              for r, n in replies])
+                              for r, n in replies], rule)
         lo, hi = self.head_rows(task)
         for part in ("weight", "bias"):
             g[f"dlc_head.{part}"] = g[f"dlc_head.{part}"].copy()
@@ -290,7 +299,7 @@ class DLC(Method):
         model.mode = "dlc"
         reps = model.representations(x, seen_tasks)
         oracle = model.dlc_head(reps[task, torch.arange(len(x))])[:, :seen].argmax(1)
-        rate = lambda hit: float(hit.float().mean())  # noqa: E731
+        rate = lambda hit: float(hit.float().mean())
         return {"dlc": rate(pred == y), "base": rate(base == y), "task_id": rate(weights.argmax(1) == task),
                 "target_weight": float(weights[torch.arange(len(x)), task].mean()),
                 "oracle_plugin": rate(oracle == y)}

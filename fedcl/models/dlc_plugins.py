@@ -132,23 +132,38 @@ class DLCNet(nn.Module):
         return self._run(x, 0, self.deep_from)
 
     def deep(self, h: torch.Tensor, task: int | None) -> torch.Tensor:
+        """The deep part from shallow activation ``h``, with plugin ``task`` (None: the bare base).
+
+        A plugin's forward runs the deep part's BatchNorm layers in eval mode: its activations must not
+        move the base's running statistics (the base then follows its own method exactly), and the
+        plugin trains against the statistics it meets at inference."""
         self.use_plugin(task)
+        norms = [m for m in self._deep_norms() if m.training] if task is not None else []
+        for m in norms:
+            m.eval()
         try:
             out = self._run(h, self.deep_from, None)
         finally:
             self.use_plugin(None)
+            for m in norms:
+                m.train()
         return out.flatten(1)
 
-    def representations(self, x: torch.Tensor, tasks: int | None = None) -> torch.Tensor:
-        """(T, N, D): plugin t's representation of every input, t < tasks."""
-        h = self.shallow(x)
+    def _deep_norms(self) -> list[nn.Module]:
+        return [m for part in list(self.features.children())[self.deep_from:] for m in part.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def representations(self, x: torch.Tensor, tasks: int | None = None, h: torch.Tensor | None = None) -> torch.Tensor:
+        """(T, N, D): plugin t's representation of every input, t < tasks (from ``h`` if given)."""
+        h = self.shallow(x) if h is None else h
         return torch.stack([self.deep(h, t) for t in range(self.tasks_in_use if tasks is None else tasks)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the current ``mode``; ``h``: the inputs' shallow activation, already computed."""
         if self.mode == "plain":
             self.use_plugin(None)
-            return self.head(self.features(x))
-        reps = self.representations(x)
+            return self.head(self.features(x) if h is None else self.deep(h, None))
+        reps = self.representations(x, h=h)
         weights = torch.softmax(self.weighting(reps), dim=1)        # (N, T)
         self.last_weights = weights
         return self.dlc_head(torch.einsum("nt,tnd->nd", weights, reps))
