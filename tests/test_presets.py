@@ -18,7 +18,7 @@ VIT = {**FEDERATED, "method.name": "duallora", "model.name": "timm", "model.arch
        "model.pretrained": True, "dataset.image_size": 224, "optimizer": "adam", "lr": 0.0005, "batch_size": 128,
        "method.rank": 10, "method.task_key": "features"}
 RESNET = {**FEDERATED, "method.name": "dlc", "model.name": "resnet18", "method.base": "replay",
-          "optimizer": "sgd", "lr": 0.1, "batch_size": 128, "method.memory_per_class": 2}
+          "optimizer": "sgd", "lr": 0.1, "batch_size": 128, "method.memory_total": 2000}
 PRESETS = {
     "duallora_cifar100_vitb16": {**VIT, "dataset.name": "cifar100", "rounds_per_task": 10, "local_epochs": 2},
     "duallora_imagenetr_vitb16": {**VIT, "dataset.name": "imagefolder", "rounds_per_task": 10, "local_epochs": 5},
@@ -40,9 +40,9 @@ def test_preset_composes_with_the_values_it_claims(make_cfg, preset):
     cfg = make_cfg(f"+experiment={preset}")
     for key, expected in PRESETS[preset].items():
         assert value(cfg, key) == expected, f"{preset}: {key}"
-    # 2,000 exemplars in total once all 100 classes are seen, spread over the clients
+    # PyCIL's 2,000 exemplars in total, spread over the clients
     if preset.startswith("dlc"):
-        assert cfg.method.memory_per_class * 100 * cfg.num_clients == 2000
+        assert cfg.method.memory_total == 2000
     # a command-line override still wins over the preset
     assert make_cfg(f"+experiment={preset}", "num_clients=3").num_clients == 3
 

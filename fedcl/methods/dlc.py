@@ -80,12 +80,13 @@ class DLC(Method):
     def __init__(self, name: str = "dlc", base: str = "replay", memory_per_class: int = 5,
                  kd_weight: float = 1.0, temperature: float = 2.0, stages="auto", rank: int = 2,
                  alpha: float = 4.0, freeze_base_after: int | None = None, weight_loss: float = 1.0,
-                 balance_tasks: bool = True, balance_classification: bool = False):
+                 balance_tasks: bool = True, balance_classification: bool = False,
+                 memory_total: int | None = None):
         super().__init__(name)
         if base not in BASES:
             raise ConfigError(f"method.base={base!r} is unknown. Choose one of {list(BASES)}.")
         self.base_name = base
-        self.base = Replay(memory_per_class=memory_per_class) if base == "replay" else \
+        self.base = Replay(memory_per_class=memory_per_class, memory_total=memory_total) if base == "replay" else \
             LwF(kd_weight=kd_weight, temperature=temperature)
         self.stages, self.rank, self.alpha = stages, int(rank), float(alpha)
         self.freeze_base_after = None if freeze_base_after is None else int(freeze_base_after)
@@ -94,7 +95,7 @@ class DLC(Method):
                               "trains from scratch during tasks 0 .. freeze_base_after.")
         self.weight_loss, self.balance_tasks = float(weight_loss), bool(balance_tasks)
         self.balance_classification = bool(balance_classification)
-        self.exemplars = base == "replay" and int(memory_per_class) > 0
+        self.exemplars = base == "replay" and (int(memory_per_class) > 0 if memory_total is None else memory_total > 0)
 
     # ---- shape of the run ----------------------------------------------------------------
     def bind(self, num_tasks: int, task_starts: list[int], cfg) -> None:
@@ -102,6 +103,7 @@ class DLC(Method):
             raise ConfigError("method=dlc puts conv-LoRA plugins in a CNN's deep stage; "
                               "use model=small_cnn or model=resnet18 (not model=vit).")
         self.num_tasks, self.starts = num_tasks, list(task_starts)
+        self.base.bind(num_tasks, task_starts, cfg)
         self.model_name = str(cfg.model.name)
         self.lora_aggregation = check_scheme(str(cfg.strategy.lora_aggregation))
         never = self.freeze_base_after is None
