@@ -20,6 +20,7 @@ run: $(STAMP)
 		model=vit optimizer=adam lr=0.001 $(ARGS)
 
 test: $(STAMP)
+	$(PY) -m ruff check fedcl tests simulations
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

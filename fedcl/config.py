@@ -43,7 +43,8 @@ TYPES = {
                      "method.threshold_end", "privacy.noise_multiplier", "privacy.target_epsilon",
                      "privacy.dp_sgd.target_epsilon"], "float?"),
     **dict.fromkeys(["progress", "dataset.download", "dataset.augment", "model.pretrained", "method.orthogonal",
-                     "method.residual", "method.balance_tasks", "method.balance_classification", "method.classifier_alignment",
+                     "method.residual", "method.balance_tasks", "method.balance_classification",
+                     "method.classifier_alignment",
                      "privacy.audit",
                      "privacy.uniform_weights", "privacy.client_level", "privacy.local_dp_sgd"], "bool"),
 }

@@ -160,8 +160,8 @@ def plot_sweep(path, results_list: list[dict]) -> None:
     x = [r["num_clients"] for r in runs]
     panels = [("final average accuracy (%)", [100 * r["final_average_accuracy"] for r in runs]),
               ("forgetting (points)", [100 * r["forgetting"] for r in runs]),
-              ("uplink + downlink (MB)", [(r["communication"]["uplink_bytes"] + r["communication"]["downlink_bytes"]) / 1e6
-                                          for r in runs]),
+              ("uplink + downlink (MB)", [(r["communication"]["uplink_bytes"]
+                                           + r["communication"]["downlink_bytes"]) / 1e6 for r in runs]),
               ("wall time (s)", [r["wall_time_s"] for r in runs])]
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
     for ax, (label, y) in zip(axes, panels):

@@ -74,7 +74,7 @@ def _train_one(job: tuple[int, int, int]) -> int:
     from fedcl.methods.base import fit
 
     client, task, rnd = job
-    cfg, exp, model = _WORKER["cfg"], _WORKER["exp"], _WORKER["model"]
+    cfg, model = _WORKER["cfg"], _WORKER["model"]
     model.load_state_dict(_WORKER["init"])  # training cost does not depend on the weights
     ctx = client_round(cfg, client, task, rnd)
     rows = ctx.task_rows(task)

@@ -4,8 +4,8 @@
     python simulations/fault_table.py -- method=duallora   # any method, any overrides
 
 Each scenario runs through the `fedcl` entry point into <out>/<scenario>/; the table (faults
-injected, rounds completed and those in which no update passed, failures recorded by kind, final accuracy and its change from the clean
-run) is printed and written to <out>/faults.md.
+injected, rounds completed and those in which no update passed, failures recorded by kind, final
+accuracy and its change from the clean run) is printed and written to <out>/faults.md.
 """
 from __future__ import annotations
 

@@ -138,9 +138,10 @@ def main() -> None:
     print("\n" + table + "\n" + ref)
     settings = " ".join(merged(base, PRIVACY_DEFAULTS, user_privacy))
     (out / "privacy_sweep.md").write_text(f"`{settings}`\n\n```\n{table}\n{ref}\n```\n")
-    (out / "sweep.json").write_text(json.dumps({"overrides": merged(base, PRIVACY_DEFAULTS, user_privacy), "rows": rows, "reference": {
-        "final_acc": reference["final_average_accuracy"],
-        "avg_inc_acc": reference["average_incremental_accuracy"]}}, indent=2, default=str))
+    summary = {"overrides": merged(base, PRIVACY_DEFAULTS, user_privacy), "rows": rows,
+               "reference": {"final_acc": reference["final_average_accuracy"],
+                             "avg_inc_acc": reference["average_incremental_accuracy"]}}
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
     plot(out / "privacy_sweep.png", rows, reference["final_average_accuracy"])
     print(f"table: {out / 'privacy_sweep.md'}  plot: {out / 'privacy_sweep.png'}")
 

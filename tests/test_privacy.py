@@ -139,7 +139,8 @@ def test_noisy_covariance_is_symmetric_and_trace_normalised():
 
 def test_client_refuses_to_train_once_its_own_budget_is_spent(make_cfg):
     budget = epsilon_of([(1.0, 1.0, 2)], 1e-5) + 1e-3
-    cfg = make_cfg(*TINY, "method=finetune", "privacy=client_dp", f"privacy.groups=[{{clients:[0],target_epsilon:{budget}}}]")
+    cfg = make_cfg(*TINY, "method=finetune", "privacy=client_dp",
+                   f"privacy.groups=[{{clients:[0],target_epsilon:{budget}}}]")
     assert not refuses(cfg, 0, 0, {"privacy_history": [[1.0, 1.0, 1]]})
     assert refuses(cfg, 0, 0, {"privacy_history": [[1.0, 1.0, 2]]})
     assert not refuses(cfg, 1, 0, {"privacy_history": [[1.0, 1.0, 50]]})  # no budget: never refuses
@@ -297,7 +298,8 @@ def test_functorch_per_sample_gradients_of_duallora_equal_one_backward_per_sampl
     assert not hooks_cover(model)  # DualLoRA's adapters: ParameterLists Opacus' hooks never see
     ctx = client_round(cfg, 0, 1, 0)
     exp.method.set_mode(model, 1, "current")
-    named = {n: p for n, p in model.named_parameters() if n.endswith((".orth_A.1", ".orth_B.1", ".res_C.1", ".res_B.1"))}
+    named = {n: p for n, p in model.named_parameters()
+             if n.endswith((".orth_A.1", ".orth_B.1", ".res_C.1", ".res_B.1"))}
     torch.manual_seed(0)
     for p in named.values():
         p.data.normal_(0, 0.1)  # B starts at zero: make every factor's gradient non-trivial

@@ -35,7 +35,8 @@ def test_json_failure_keeps_the_old_file(tmp_path):
 
 def test_csv_header_is_union_of_keys(tmp_path):
     path = tmp_path / "m.csv"
-    report.write_metrics_csv(path, [{"round": 1, "acc_task_0": 0.5}, {"round": 2, "acc_task_0": 0.4, "acc_task_1": 0.9}])
+    rows = [{"round": 1, "acc_task_0": 0.5}, {"round": 2, "acc_task_0": 0.4, "acc_task_1": 0.9}]
+    report.write_metrics_csv(path, rows)
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["round", "acc_task_0", "acc_task_1"]

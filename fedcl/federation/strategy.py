@@ -302,15 +302,16 @@ class ContinualStrategy(Strategy):
             if not lost:
                 return replies
             if attempt == MAX_WORKER_RETRIES:
-                raise RuntimeLost(self.run_dir, f"{len(lost)} clients lost their Ray worker "
-                                                f"{MAX_WORKER_RETRIES + 1} times in round {self._round.plan.global_round}")
+                raise RuntimeLost(self.run_dir, f"{len(lost)} clients lost their Ray worker {MAX_WORKER_RETRIES + 1} "
+                                                f"times in round {self._round.plan.global_round}")
             client_of = {self.nodes.get(c, c): c for c in self._round.clients}
             self._recovered += [(client_of.get(r.metadata.src_node_id, -1), error_message(str(r.error.reason)))
                                 for r in lost]
             again = [Message(by_node[r.metadata.src_node_id].content, message_type="train",
                              dst_node_id=r.metadata.src_node_id) for r in lost]
             lost_ids = {id(r) for r in lost}
-            replies = [r for r in replies if id(r) not in lost_ids] + list(grid.send_and_receive(again, timeout=timeout))
+            replies = [r for r in replies if id(r) not in lost_ids]
+            replies += list(grid.send_and_receive(again, timeout=timeout))
         return replies
 
     def results(self) -> dict:

@@ -2,7 +2,8 @@
 
 The privacy server callback (``fedcl.privacy.mechanism``) calls ``admit`` before a round (clients
 that cannot afford another message are not asked: they have exhausted their budget and stop),
-``observe`` for every reply, and ``end_round`` after aggregation (its dict goes into metrics.csv). ``results`` is results.json's
+``observe`` for every reply, and ``end_round`` after aggregation (its dict goes into metrics.csv).
+``results`` is results.json's
 ``privacy`` key. With ``privacy=none`` every call is a no-op and ``results`` is None.
 """
 from __future__ import annotations
@@ -118,7 +119,7 @@ class PrivacyLedger:
         if not self.enabled:
             return {}
         eps = [self.epsilon(c) for c in self.accounts]
-        for (c, a), e in zip(self.accounts.items(), eps):
+        for a, e in zip(self.accounts.values(), eps):
             a.epsilon_per_task[task] = e
             a.__dict__.setdefault("epsilon_per_round", []).append(e)  # (a checkpoint from before it)
         return {"eps_max": max(eps), "eps_mean": float(np.mean(eps)),
