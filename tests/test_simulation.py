@@ -60,8 +60,8 @@ def recorded_simulation(cfg, run_dir, recorder: bool = False) -> tuple[dict, lis
     from flwr.simulation import run_simulation
 
     from fedcl.federation.client_app import make_client_app
-    from fedcl.federation.server_app import run_server
     from fedcl.federation.runtime import backend_config
+    from fedcl.federation.server_app import run_server
 
     app, grids = ServerApp(), []
 

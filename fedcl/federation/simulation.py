@@ -21,9 +21,8 @@ import traceback
 from omegaconf import DictConfig
 
 from fedcl.errors import ConfigError, RuntimeLost
-from fedcl.federation import runtime
-from fedcl.federation.runtime import backend_config
 from fedcl.federation.faults import INJECTED_CRASH
+from fedcl.federation.runtime import backend_config
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
