@@ -93,10 +93,11 @@ class PrivacyLedger:
                 acc.exhausted, acc.exhausted_at = True, {"task": task, "reason": "dp_sgd budget"}
         if (int(metrics.get("dp-basis", 0)) or int(metrics.get("dp-raw", 0))) and "arrays" in content \
                 and self.s.audit and c < self.s.audit_max_clients:
-            keys = {"U.task_key", "cov.task_key"} & set(content["arrays"].keys())
-            if keys:
-                arrays = from_record(content["arrays"])
-                self.last_basis[c] = (task, {k: arrays[k] for k in keys})
+            from fedcl.experiment import get_experiment
+
+            release = get_experiment(self.cfg).method.task_key_release(from_record(content["arrays"]))
+            if release:  # the method says which arrays span the client's task subspace
+                self.last_basis[c] = (task, release)
         if acc.budget is not None and acc.epsilon > acc.budget + 1e-9:
             raise RuntimeError(f"client {c} spent epsilon {acc.epsilon:.3f} over its budget {acc.budget}")
 
