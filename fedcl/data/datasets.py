@@ -89,13 +89,13 @@ def load_synthetic(cfg, seed: int) -> DataSplit:
     coarse = np.random.default_rng([seed, 0]).uniform(0, 255, (k, ch, 4, 4)).astype(np.float32)
     big = F.interpolate(torch.from_numpy(coarse), size=(size + 2 * m,) * 2, mode="bilinear",
                         align_corners=False).numpy()
-    # every shifted view of every prototype: (k, (2m+1)^2, ch, size, size)
-    views = np.stack([big[..., i:i + size, j:j + size] for i in range(2 * m + 1) for j in range(2 * m + 1)], 1)
+    shifts = 2 * m + 1  # a sample's view is one of shifts^2 crops of its prototype (row-major)
 
     def draw(n: int, rng: np.random.Generator):
         x = np.empty((k * n, ch, size, size), np.uint8)
         for c in range(k):  # a class at a time keeps the float temporaries small
-            imgs = views[c, rng.integers(views.shape[1], size=n)]
+            views = rng.integers(shifts * shifts, size=n)  # cropped per sample: never all views at once
+            imgs = np.stack([big[c, :, v // shifts:v // shifts + size, v % shifts:v % shifts + size] for v in views])
             imgs += 40.0 * rng.standard_normal(imgs.shape, dtype=np.float32)
             x[c * n:(c + 1) * n] = np.clip(imgs, 0, 255)
         return x, np.repeat(np.arange(k), n)
