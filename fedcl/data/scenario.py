@@ -5,7 +5,8 @@ Labels are re-indexed by the class order, so task t owns the contiguous label ra
 task_starts[t + 1] labels. Tasks have k classes each, except that a base session (task 0) may
 hold ``base_classes`` (the "B50 Inc10" protocols).
 Every client keeps its own stream: ``client_indices[t][c]`` are the training rows client c
-sees during task t.
+sees during task t. A task's partition is two arrays (rows grouped by client, and where each
+client's group starts), not one array per client: 100,000 clients cost two arrays, not 100,000.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class Scenario:
     y_test: np.ndarray               # re-indexed test labels
     task_starts: list[int]           # first label of each task, then the number of classes
     num_tasks: int
-    client_indices: list[list[np.ndarray]]  # [task][client] -> training row indices
+    client_indices: list[Partition]  # [task][client] -> training row indices
     test_indices: list[np.ndarray]          # [task] -> test row indices
 
     def seen_classes(self, task: int) -> int:
@@ -84,32 +85,65 @@ def build_scenario(y_train: np.ndarray, y_test: np.ndarray, num_classes: int, nu
     return Scenario(class_order, ytr, yte, starts, num_tasks, client_indices, test_indices)
 
 
+class Partition:
+    """A split of rows over clients: ``part[c]`` is client c's rows, sorted (a view, no copy)."""
+
+    def __init__(self, rows: np.ndarray, owner: np.ndarray, num_clients: int):
+        order = np.lexsort((rows, owner))  # by client, then by row
+        self.rows = rows[order].astype(np.int64)
+        self.starts = np.searchsorted(owner[order], np.arange(num_clients + 1))
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, client: int) -> np.ndarray:
+        if not -len(self) <= client < len(self):
+            raise IndexError(f"client {client} of {len(self)}")
+        client %= len(self)
+        return self.rows[self.starts[client]:self.starts[client + 1]]
+
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.starts)
+
+
 def partition_rows(rows: np.ndarray, labels: np.ndarray, num_clients: int, partition,
-                   rng: np.random.Generator) -> list[np.ndarray]:
-    """Split ``rows`` over clients: iid, Dirichlet(alpha) per class, or label-sorted shards."""
+                   rng: np.random.Generator) -> Partition:
+    """Split ``rows`` over clients: iid, Dirichlet(alpha) per class, or label-sorted shards. Each
+    scheme gives every row its owner in one vectorised step (the same split, drawn from the same
+    random numbers, as splitting into one array per client)."""
     name = partition.name
     if name == "iid":
-        parts = np.array_split(rng.permutation(rows), num_clients)
-    elif name == "dirichlet":
+        shuffled = rng.permutation(rows)
+        return Partition(shuffled, split_owner(len(rows), num_clients), num_clients)
+    if name == "dirichlet":
         alpha = float(partition.alpha)
         if alpha <= 0:
             raise ConfigError(f"partition.alpha={alpha} must be > 0 (smaller = more non-IID).")
-        buckets: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        pieces, owners = [], []
         for cls in np.unique(labels):
             cls_rows = rng.permutation(rows[labels == cls])
             share = rng.dirichlet(np.full(num_clients, alpha))
             cuts = (np.cumsum(share)[:-1] * len(cls_rows)).astype(int)
-            for c, piece in enumerate(np.split(cls_rows, cuts)):
-                buckets[c].append(piece)
-        parts = [np.concatenate(b) if b else np.empty(0, np.int64) for b in buckets]
-    elif name == "shards":
+            pieces.append(cls_rows)
+            owners.append(np.searchsorted(cuts, np.arange(len(cls_rows)), side="right"))
+        if not pieces:
+            return Partition(rows, np.zeros(0, np.int64), num_clients)
+        return Partition(np.concatenate(pieces), np.concatenate(owners), num_clients)
+    if name == "shards":
         per_client = int(partition.shards_per_client)
         if per_client < 1:
             raise ConfigError(f"partition.shards_per_client={per_client} must be >= 1.")
         order = rows[np.argsort(labels, kind="stable")]
-        shards = np.array_split(order, num_clients * per_client)
-        shard_ids = rng.permutation(len(shards)).reshape(num_clients, per_client)
-        parts = [np.concatenate([shards[s] for s in ids]) for ids in shard_ids]
-    else:
-        raise ConfigError(f"partition={name!r} is unknown. Choose one of {list(PARTITIONS)}.")
-    return [np.sort(p).astype(np.int64) for p in parts]
+        shard_ids = rng.permutation(num_clients * per_client).reshape(num_clients, per_client)
+        owner_of_shard = np.empty(num_clients * per_client, np.int64)
+        owner_of_shard[shard_ids] = np.arange(num_clients)[:, None]
+        return Partition(order, owner_of_shard[split_owner(len(order), num_clients * per_client)], num_clients)
+    raise ConfigError(f"partition={name!r} is unknown. Choose one of {list(PARTITIONS)}.")
+
+
+def split_owner(length: int, parts: int) -> np.ndarray:
+    """The part of each position when ``length`` items are cut as ``np.array_split`` cuts them."""
+    size, extra = divmod(length, parts)
+    sizes = np.full(parts, size)
+    sizes[:extra] += 1
+    return np.repeat(np.arange(parts), sizes)

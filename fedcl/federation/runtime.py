@@ -75,6 +75,9 @@ def backend_config(cfg: DictConfig) -> dict:
     simulation started with this config gets a new Ray worker when one dies.
     """
     install()
+    from fedcl.federation import registration
+
+    registration.install()  # Flower's engine without per-node costs per message (100,000 clients)
     init_args: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
     if cfg.ray.address:
         init_args["address"] = str(cfg.ray.address)

@@ -209,9 +209,11 @@ def run_simulation_here(cfg: DictConfig, run_dir: str, resume: bool = False) -> 
     """The Flower simulation in this process (``simulate`` runs it in a child)."""
     from flwr.simulation import run_simulation
 
+    from fedcl.federation import registration
     from fedcl.federation.client_app import make_client_app
     from fedcl.federation.server_app import make_server_app
 
+    registration.install()  # the engine's per-node costs become per-message ones (100,000 clients)
     # Flower logs through its own console handler; without this Hydra's root handler repeats it
     # at DEBUG level.
     logging.getLogger("flwr").propagate = False
