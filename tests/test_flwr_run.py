@@ -68,6 +68,9 @@ def flwr(tmp_path_factory):
     home = tmp_path_factory.mktemp("flwr-home")
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           # a Ray of the run's own: plain ray.init() would attach to any Ray this machine runs (another
+           # test's, even one whose GCS another test killed) and wait for it
+           "RAY_ADDRESS": "local",
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
