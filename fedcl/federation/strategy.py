@@ -189,6 +189,7 @@ class ContinualStrategy(Strategy):
             n = int(metrics_in["num-examples"])
             if n > 0 and "arrays" in reply.content:
                 candidates.append((client, from_record(reply.content["arrays"]), n))
+                del reply.content["arrays"]  # decoded: the serialised copy need not stay in the driver
         failures += [(c, "timeout", "no reply") for c in r.clients if c not in answered]
         ratio = cfg.strategy.max_norm_ratio
         before = self.state.global_arrays
