@@ -29,6 +29,9 @@ SCENARIOS = {
                                         "strategy.max_norm_ratio=null", "aggregator=median"],
     "norm 20% + krum (no norm check)": ["faults.corrupt=0.2", "faults.corrupt_kinds=[norm]",
                                       "strategy.max_norm_ratio=null", "aggregator=krum", "aggregator.byzantine=2"],
+    "norm 20% + multi-krum (no norm check)": ["faults.corrupt=0.2", "faults.corrupt_kinds=[norm]",
+                                            "strategy.max_norm_ratio=null", "aggregator=krum",
+                                            "aggregator.byzantine=2", "aggregator.multi=6"],
 }
 
 
