@@ -160,12 +160,7 @@ class DualLoRA(Method):
 
     # ---- client side ---------------------------------------------------------------------
     def client_update(self, model: nn.Module, ctx: ClientRound, state: dict) -> int:
-        if ctx.task < self.first and ctx.phase == "basis_end":  # the final base-session model
-            backbone = {k: v.clone() for k, v in model.state_dict().items() if self.is_backbone(k)}
-            state["backbone"] = ctx.shared.put(backbone) if ctx.shared is not None else backbone
-        elif ctx.task >= self.first and "backbone" in state:
-            backbone = state["backbone"]  # a digest into the run's shared store, or the tensors
-            model.load_state_dict(ctx.shared.get(backbone) if isinstance(backbone, str) else backbone, strict=False)
+        hold_base_session_backbone(self, model, ctx, state)
         rows = ctx.task_rows(ctx.task)
         if not len(rows):
             return 0
@@ -411,3 +406,15 @@ def pad_into(target: np.ndarray, basis: np.ndarray) -> None:
     target[:] = 0
     m = min(basis.shape[1], target.shape[1])
     target[:, :m] = basis[:, :m]
+
+
+def hold_base_session_backbone(method, model: nn.Module, ctx: ClientRound, state: dict) -> None:
+    """A client keeps the final base-session backbone in its state (the base session's last round),
+    and loads it in every later round: after the base session no backbone array crosses the wire.
+    ``method`` has ``first`` (the first task after the base session) and ``is_backbone(key)``."""
+    if ctx.task < method.first and ctx.phase == "basis_end":  # the final base-session model
+        backbone = {k: v.clone() for k, v in model.state_dict().items() if method.is_backbone(k)}
+        state["backbone"] = ctx.shared.put(backbone) if ctx.shared is not None else backbone
+    elif ctx.task >= method.first and "backbone" in state:
+        backbone = state["backbone"]  # a digest into the run's shared store, or the tensors
+        model.load_state_dict(ctx.shared.get(backbone) if isinstance(backbone, str) else backbone, strict=False)

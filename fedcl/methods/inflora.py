@@ -36,7 +36,7 @@ from torch import nn
 from fedcl.errors import ConfigError
 from fedcl.experiment import derive_seed
 from fedcl.methods.base import ClientRound, Method, fit, weighted_mean
-from fedcl.methods.duallora import pad_into
+from fedcl.methods.duallora import hold_base_session_backbone, pad_into
 from fedcl.models.lora import check_rank, inject_lora
 from fedcl.subspace import BASIS_AGGREGATIONS, client_basis, merge_covariance, merge_svd, project_out
 
@@ -147,12 +147,7 @@ class InfLoRA(Method):
 
     # ---- client side ---------------------------------------------------------------------
     def client_update(self, model: nn.Module, ctx: ClientRound, state: dict) -> int:
-        if ctx.task < self.first and ctx.phase == "basis_end":  # the final base-session model
-            backbone = {k: v.clone() for k, v in model.state_dict().items() if self.is_backbone(k)}
-            state["backbone"] = ctx.shared.put(backbone) if ctx.shared is not None else backbone
-        elif ctx.task >= self.first and "backbone" in state:
-            backbone = state["backbone"]  # a digest into the run's shared store, or the tensors
-            model.load_state_dict(ctx.shared.get(backbone) if isinstance(backbone, str) else backbone, strict=False)
+        hold_base_session_backbone(self, model, ctx, state)
         rows = ctx.task_rows(ctx.task)
         if not len(rows) or ctx.phase.startswith("basis"):
             return len(rows)
