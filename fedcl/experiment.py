@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,7 +54,22 @@ class Experiment:
 
 
 def config_key(cfg: DictConfig) -> str:
-    """The parts of the config that decide data, scenario, model and method."""
+    """The parts of the config that decide data, scenario, model and method. Remembered for a
+    read-only config (a Ray worker's, see ``fedcl.federation.client_app.worker_config``): a client's
+    round asks for it several times, and it costs a few milliseconds."""
+    if not OmegaConf.is_readonly(cfg):
+        return _content_key(cfg)
+    ref, key = _KEYS.get(id(cfg), (None, None))
+    if ref is None or ref() is not cfg:
+        key, ident = _content_key(cfg), id(cfg)
+        _KEYS[ident] = (weakref.ref(cfg, lambda _: _KEYS.pop(ident, None)), key)
+    return key
+
+
+_KEYS: dict[int, tuple[weakref.ref, str]] = {}  # id of a read-only config -> its key
+
+
+def _content_key(cfg: DictConfig) -> str:
     keep = {k: cfg[k] for k in ("dataset", "model", "method", "partition", "scenario", "strategy",
                                 "num_clients", "num_tasks", "seed")}
     return json.dumps(OmegaConf.to_container(OmegaConf.create(keep), resolve=True), sort_keys=True)

@@ -125,11 +125,14 @@ def test_the_fedcl_command_exits_2_with_one_paragraph(tmp_path, override, messag
 def test_flwr_run_apps_validate_the_run_config_overrides():
     from types import SimpleNamespace
 
+    from omegaconf.errors import ReadonlyConfigError
+
     from fedcl.federation.run_config import config_from_context
 
     with pytest.raises(ConfigError, match="seed=abc: seed must be an integer"):
         config_from_context(SimpleNamespace(run_config={"overrides": "method=finetune seed=abc"}))
     good = SimpleNamespace(run_config={"overrides": "method=finetune num_clients=3"})
     first = config_from_context(good)
-    first.num_clients = 99  # a copy: composed once per process, but a caller's change does not leak
-    assert config_from_context(good).num_clients == 3
+    with pytest.raises(ReadonlyConfigError):  # composed once per process: read-only, so no change can leak
+        first.num_clients = 99
+    assert config_from_context(good) is first and first.num_clients == 3

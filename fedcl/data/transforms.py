@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
 
 from fedcl.errors import ConfigError
 
@@ -40,19 +39,25 @@ class InputPipeline:
             crop = _augmenter(out, self.interpolation, self.crop_scale)
             x = torch.stack([crop(img) for img in x]) if len(x) else x.new_empty(*x.shape[:2], *out)
         elif tuple(x.shape[-2:]) != out:
+            from torchvision.transforms import v2  # here: importing torchvision costs a worker about 1 s
+
             x = v2.functional.resize(x, list(out), interpolation=_mode(self.interpolation), antialias=True)
         m = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
         s = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
         return (x - m) / s  # the same operations as datasets.to_float: identical inputs at native size
 
 
-def _mode(name: str) -> v2.InterpolationMode:
+def _mode(name: str):
+    from torchvision.transforms import v2
+
     return v2.InterpolationMode(name)
 
 
 @functools.lru_cache(maxsize=8)
-def _augmenter(size: tuple[int, int], interpolation: str, scale: float) -> v2.Compose:
+def _augmenter(size: tuple[int, int], interpolation: str, scale: float):
     """Applied one image at a time: a v2 transform given a whole batch draws one crop for all of it."""
+    from torchvision.transforms import v2
+
     return v2.Compose([v2.RandomResizedCrop(size, scale=(scale, 1.0), interpolation=_mode(interpolation),
                                             antialias=True), v2.RandomHorizontalFlip()])
 

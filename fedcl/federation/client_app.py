@@ -8,14 +8,16 @@ Flower's node ids change on every run, partition ids do not.
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import pickle
 import time
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fedcl.experiment import config_key, derive_seed, get_experiment, resolve_device
 from fedcl.federation.codec import from_record, to_record
@@ -195,18 +197,29 @@ def identify(msg: Message, context: Context, cfg: DictConfig | None = None) -> M
 
 
 def make_client_app(cfg: DictConfig, run_dir: str) -> ClientApp:
-    """A ClientApp bound to a config (``run_simulation`` leaves ``run_config`` empty)."""
+    """A ClientApp bound to a config (``run_simulation`` leaves ``run_config`` empty). Flower's Ray
+    backend pickles the app with every message: it carries the config as bytes (``worker_config``)."""
     app = ClientApp()
+    blob = pickle.dumps(cfg)
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return train(cfg, run_dir, msg, context)
+        return train(worker_config(blob), run_dir, msg, context)
 
     @app.query()
     def _query(msg: Message, context: Context) -> Message:
-        return identify(msg, context, cfg)
+        return identify(msg, context, worker_config(blob))
 
     return app
+
+
+@functools.lru_cache(maxsize=4)
+def worker_config(blob: bytes) -> DictConfig:
+    """The run's config in this process, unpickled once rather than per message, and read-only:
+    what is derived from it (``config_key``) is computed once too."""
+    cfg = pickle.loads(blob)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
 
 
 # `flwr run .`: the config comes from the run config (see fedcl.federation.run_config).

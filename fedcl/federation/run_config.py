@@ -8,7 +8,6 @@ The federation must have one SuperNode per client: ``--federation-config "num-su
 """
 from __future__ import annotations
 
-import copy
 import functools
 import os
 import shlex
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from flwr.app import Context
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -29,8 +28,9 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 def config_from_context(context: Context) -> DictConfig:
     """The run's config, validated like the ``fedcl`` command's (a bad override fails the run with
-    a ConfigError naming it). Composed once per process: every client message asks for it."""
-    return copy.deepcopy(_validated_config(str(context.run_config.get("overrides", ""))))
+    a ConfigError naming it). Composed once per process (every client message asks for it) and
+    read-only, as ``fedcl.federation.client_app.worker_config``."""
+    return _validated_config(str(context.run_config.get("overrides", "")))
 
 
 @functools.lru_cache(maxsize=4)
@@ -39,6 +39,7 @@ def _validated_config(overrides: str) -> DictConfig:
 
     cfg = compose_config(shlex.split(overrides))
     validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
     return cfg
 
 

@@ -19,13 +19,15 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: str, resume: bool = False) 
     return ContinualStrategy(cfg, run_dir, resume).start(grid)
 
 
-def make_server_app(cfg: DictConfig, run_dir: str, resume: bool = False) -> ServerApp:
-    """A ServerApp bound to a config."""
+def make_server_app(cfg: DictConfig, run_dir: str, resume: bool = False, on_results=None) -> ServerApp:
+    """A ServerApp bound to a config; ``on_results()`` runs once results.json is written."""
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
         run_server(grid, cfg, run_dir, resume)
+        if on_results is not None:
+            on_results()
 
     return app
 

@@ -9,6 +9,7 @@ otherwise Flower's actor pool is empty and the server waits for replies forever.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import os
@@ -16,6 +17,7 @@ import pickle
 import re
 import signal
 import sys
+import threading
 import traceback
 
 from omegaconf import DictConfig
@@ -116,6 +118,7 @@ def simulate(cfg: DictConfig, run_dir: str, resume: bool = False) -> None:
     child then ended without an answer, or with a Ray error).
     """
     check_resources(cfg)
+    reap_finishing()
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch or Ray threads
     answers, answer = context.Pipe(duplex=False)
     child = context.Process(target=_simulate_in_child, args=(cfg, run_dir, resume, answer), name="fedcl-simulation")
@@ -133,6 +136,9 @@ def simulate(cfg: DictConfig, run_dir: str, resume: bool = False) -> None:
         raise
     finally:
         answers.close()
+    if outcome == "ok":  # results.json is written; Flower and Ray shut down while the caller goes on
+        _FINISHING.append(child)
+        return
     child.join(EXIT_GRACE_S)
     if child.is_alive():
         _stop(child)
@@ -145,6 +151,22 @@ def simulate(cfg: DictConfig, run_dir: str, resume: bool = False) -> None:
         if not isinstance(error, (ConfigError, RuntimeLost)):  # unexpected: keep the child's traceback
             error.__cause__ = ChildTraceback(child_traceback)
         raise error
+
+
+_FINISHING: list = []  # simulation processes that answered and are shutting Ray down
+
+
+def reap_finishing() -> None:
+    """Wait for (at most EXIT_GRACE_S, then stop) the simulation processes still shutting down:
+    before the next run starts its Ray, and when this process exits."""
+    while _FINISHING:
+        child = _FINISHING.pop()
+        child.join(EXIT_GRACE_S)
+        if child.is_alive():
+            _stop(child)
+
+
+atexit.register(reap_finishing)
 
 
 class ChildTraceback(Exception):
@@ -170,10 +192,18 @@ def _stop(child) -> None:
 
 def _simulate_in_child(cfg: DictConfig, run_dir: str, resume: bool, answer) -> None:
     """The child's whole life: simulate, send "ok" or (exception, traceback text), exit at once
-    (a server thread still waiting for replies of a crashed runtime must not keep it alive)."""
+    (a server thread still waiting for replies of a crashed runtime must not keep it alive).
+    "ok" goes out as soon as results.json is written: the parent need not wait while Flower's
+    engine and Ray shut down (about 2 s)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    answered = threading.Event()
+
+    def results_written() -> None:
+        answer.send("ok")
+        answered.set()
+
     try:
-        run_simulation_here(cfg, run_dir, resume)
+        run_simulation_here(cfg, run_dir, resume, on_results=results_written)
         outcome = "ok"
     except BaseException as err:  # noqa: BLE001 - everything goes to the parent
         outcome = (as_runtime_lost(err, run_dir), traceback.format_exc())
@@ -183,7 +213,8 @@ def _simulate_in_child(cfg: DictConfig, run_dir: str, resume: bool, answer) -> N
         error, text = outcome
         outcome = (RuntimeError(f"{type(error).__name__}: {error}"), text)
     try:
-        answer.send(outcome)
+        if not answered.is_set():  # once answered, a failing shutdown changes nothing the run wrote
+            answer.send(outcome)
     finally:
         answer.close()
         sys.stdout.flush()
@@ -205,8 +236,30 @@ def as_runtime_lost(err: BaseException, run_dir: str) -> BaseException:
     return err
 
 
-def run_simulation_here(cfg: DictConfig, run_dir: str, resume: bool = False) -> None:
-    """The Flower simulation in this process (``simulate`` runs it in a child)."""
+def start_local_ray(cfg: DictConfig) -> None:
+    """Start fedcl's own Ray here before Flower does. Flower's backend (flwr 1.42) gives its actors a
+    runtime env (PYTHONPATH) that Ray's prestarted workers lack, so each actor waited for a new
+    worker process; with PYTHONPATH in the environment the raylet passes on, the actors take the
+    prestarted workers. Flower finds Ray running and keeps it. A cluster (``ray.address``) is left
+    to Flower: its workers' environment is the cluster's."""
+    if cfg.ray.address:
+        return
+    import ray
+
+    os.environ["PYTHONPATH"] = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    ray.init(**{"include_dashboard": False, **backend_config(cfg)["init_args"]})
+
+
+def _import_apps() -> None:
+    import flwr.simulation  # noqa: F401
+
+    import fedcl.federation.client_app  # noqa: F401
+    import fedcl.federation.server_app  # noqa: F401
+
+
+def run_simulation_here(cfg: DictConfig, run_dir: str, resume: bool = False, on_results=None) -> None:
+    """The Flower simulation in this process (``simulate`` runs it in a child); ``on_results()``
+    runs once results.json is written, before Flower and Ray shut down."""
     from flwr.simulation import run_simulation
 
     from fedcl.federation import registration
@@ -214,9 +267,11 @@ def run_simulation_here(cfg: DictConfig, run_dir: str, resume: bool = False) -> 
     from fedcl.federation.server_app import make_server_app
 
     registration.install()  # the engine's per-node costs become per-message ones (100,000 clients)
+    start_local_ray(cfg)
     # Flower logs through its own console handler; without this Hydra's root handler repeats it
     # at DEBUG level.
     logging.getLogger("flwr").propagate = False
     logging.getLogger("flwr").addFilter(hide_reported_faults)
-    run_simulation(server_app=make_server_app(cfg, run_dir, resume), client_app=make_client_app(cfg, run_dir),
-                   num_supernodes=int(cfg.num_clients), backend_config=backend_config(cfg))
+    run_simulation(server_app=make_server_app(cfg, run_dir, resume, on_results),
+                   client_app=make_client_app(cfg, run_dir), num_supernodes=int(cfg.num_clients),
+                   backend_config=backend_config(cfg))

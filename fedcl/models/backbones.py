@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from torch import nn
 
 from fedcl.errors import ConfigError
@@ -64,6 +63,8 @@ def resnet18(in_channels: int, stem: str = "cifar", width: int = 64) -> tuple[nn
     if stem not in RESNET_STEMS:
         raise ConfigError(f"model.stem={stem!r}: choose 'cifar' (3x3 conv, no max-pool, for 32 px images) or "
                           "'imagenet' (7x7 stride-2 conv + max-pool, for 224 px images).")
+    import torchvision  # here: importing torchvision costs every Ray worker about 1 s
+
     net = torchvision.models.resnet18(num_classes=10)
     if stem == "cifar":
         net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
@@ -349,6 +350,8 @@ def pretrained_file(model_cfg) -> str:
     name = model_cfg.get("name", None)
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
     if name == "resnet18":
+        import torchvision
+
         url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
         file = hub_dir / os.path.basename(url)
         if file.is_file():
