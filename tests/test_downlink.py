@@ -1,5 +1,6 @@
 """Versioned downlink: a client is sent only what it does not hold, and what it missed when it failed."""
 import numpy as np
+import pytest
 
 from fedcl.federation.downlink import DownlinkState, plan_parcels
 from tests.test_simulation import TINY, recorded_simulation
@@ -63,3 +64,42 @@ def test_real_run_sends_no_array_a_client_holds_and_resends_what_a_failed_client
     assert kinds.count("crash") > 0
     comm = results["communication"]
     assert comm["downlink_bytes_per_client_round"] > 0
+
+
+def test_a_growing_basis_is_sent_as_its_new_columns_to_a_client_that_holds_an_earlier_one():
+    rng = np.random.default_rng(0)
+    b1 = rng.standard_normal((6, 2)).astype(np.float32)
+    b2 = np.concatenate([b1, rng.standard_normal((6, 3)).astype(np.float32)], axis=1)
+    s = DownlinkState(versions={"basis": 0, "head": 0})
+    s.bump({"basis": np.zeros((6, 0), np.float32), "head": np.zeros(2)}, {"basis": b1, "head": np.ones(2)}, 1)
+    s.mark_synced(0, 2, ["basis", "head"])              # client 0 holds basis v1
+    s.bump({"basis": b1, "head": np.ones(2)}, {"basis": b2, "head": np.ones(2)}, 3)
+    assert s.growth["basis"] == [(0, 0), (1, 2), (3, 5)]
+    parcels = plan_parcels(s, {0: {"basis": b2}, 1: {"basis": b2}})
+    tail, whole = parcels[0].arrays["basis"].numpy(), parcels[1].arrays["basis"].numpy()
+    assert tail.shape == (6, 3) and np.array_equal(tail, b2[:, 2:])
+    assert list(parcels[0].manifest["extends"]) == [1] and list(parcels[0].manifest["held_columns"]) == [2]
+    assert np.array_equal(whole, b2)                    # client 1 holds version 0: its 0 columns, so all of it
+    s.bump({"basis": b2}, {"basis": b2[:, :4].copy()}, 4)  # not a growth: the chain ends, whole arrays again
+    assert "basis" not in s.growth and s.held_prefix(0, "basis") is None
+    assert DownlinkState.from_state_dict(s.state_dict()) == s
+
+
+def test_a_client_appends_the_new_columns_to_the_version_it_holds(tmp_path):
+    from fedcl.federation.client_app import hold
+
+    b1 = np.arange(12, dtype=np.float32).reshape(6, 2)
+    b2 = np.concatenate([b1, -np.ones((6, 1), np.float32)], axis=1)
+    state: dict = {}
+    hold(None, str(tmp_path), state, {"basis": b1}, {"keys": ["basis"], "versions": [1], "extends": [-1],
+                                                     "held_columns": [0]})
+    got = hold(None, str(tmp_path), state, {"basis": b2[:, 2:]}, {"keys": ["basis"], "versions": [3],
+                                                                   "extends": [1], "held_columns": [2]})
+    assert np.array_equal(got["basis"], b2) and state["held"] == {"basis": 3}
+    other: dict = {"held": {"basis": 1}}  # another client holding v1, after v3's file replaced v1's
+    again = hold(None, str(tmp_path), other, {"basis": b2[:, 2:]}, {"keys": ["basis"], "versions": [3],
+                                                                     "extends": [1], "held_columns": [2]})
+    assert np.array_equal(again["basis"], b2)
+    with pytest.raises(RuntimeError, match="holds no version"):  # a tail for a version it does not hold
+        hold(None, str(tmp_path), {}, {"basis": b2[:, 2:]}, {"keys": ["basis"], "versions": [3], "extends": [1],
+                                                             "held_columns": [2]})

@@ -148,7 +148,8 @@ _INITIAL: dict[str, dict[str, np.ndarray]] = {}
 
 def hold(cfg: DictConfig, run_dir: str, state: dict, sent: dict[str, np.ndarray],
          manifest: dict | None) -> dict[str, np.ndarray]:
-    """Every array the round needs: the ones sent, and the rest from what this client holds. The
+    """Every array the round needs: the ones sent, and the rest from what this client holds; a
+    growing array sent as its new columns (``extends`` >= 0) is appended to the version held. The
     client's state records the version of each array it holds (saved with the state at the end of
     a successful round, so a failed round leaves it as it was)."""
     if manifest is None:
@@ -156,17 +157,24 @@ def hold(cfg: DictConfig, run_dir: str, state: dict, sent: dict[str, np.ndarray]
     held_arrays = HeldArrays(f"{run_dir}/shared/held")
     held = dict(state.get("held", {}))
     out = {}
-    for key, version in zip(manifest["keys"], manifest["versions"]):
-        version = int(version)
+    keys = manifest["keys"]
+    extends = manifest.get("extends") or [-1] * len(keys)
+    columns = manifest.get("held_columns") or [0] * len(keys)
+    for key, version, base, width in zip(keys, manifest["versions"], extends, columns):
+        version, base = int(version), int(base)
         if version == 0 and key not in sent:  # the initial state: this client built it itself
             out[key] = initial_arrays(cfg)[key]
             continue
-        if key in sent:
+        if key in sent and base < 0:
             out[key] = sent[key]
             held_arrays.put(key, version, sent[key])
-        elif held.get(key) != version:
-            raise RuntimeError(f"the server did not send {key} version {version}, but this client holds "
+        elif held.get(key, 0) != (base if key in sent else version):
+            raise RuntimeError(f"the server did not send {key} version {version} whole, but this client holds "
                                f"{'version ' + str(held[key]) if key in held else 'no version'} of it")
+        elif key in sent:
+            prefix = initial_arrays(cfg)[key] if base == 0 else held_arrays.prefix(key, base, int(width))
+            out[key] = np.concatenate([prefix, sent[key]], axis=1)
+            held_arrays.put(key, version, out[key])
         else:
             out[key] = held_arrays.get(key, version)
         held[key] = version

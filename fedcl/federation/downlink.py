@@ -12,6 +12,13 @@ the client takes the arrays that came with the message and the rest from what it
 ``fedcl.federation.store.HeldArrays``). Clients that need the same keys in a round share one
 serialised ArrayRecord and one manifest: the driver holds one copy per distinct content, not one
 per sampled client.
+
+Arrays that only grow by columns (subspace bases: DualLoRA's ``old_basis`` gains task t's new
+directions and keeps the old ones exactly) are sent as their new columns alone to a client that
+holds an earlier version of the same growth: the server records, per key, the run of versions each
+of which starts with the one before (``growth``), and the manifest's ``extends`` names the held
+version the sent columns are appended to (-1: the array is sent whole) and ``held_columns`` its
+width.
 """
 from __future__ import annotations
 
@@ -28,6 +35,8 @@ class DownlinkState:
     versions: dict[str, int] = field(default_factory=dict)          # global key -> version
     synced: dict[int, tuple[int, int]] = field(default_factory=dict)  # client -> (round, keyset id)
     keysets: list[tuple[str, ...]] = field(default_factory=list)      # interned: few distinct ones per run
+    # key -> [(version, columns), ...]: consecutive versions, each the one before plus columns
+    growth: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
     def keyset_id(self, keys) -> int:
         keys = tuple(keys)
@@ -47,6 +56,18 @@ class DownlinkState:
         return [k for k in keys if self.versions.get(k, -1) != 0
                 and (k not in held or self.versions.get(k, since) >= since)]
 
+    def held_prefix(self, client: int, key: str) -> tuple[int, int] | None:
+        """(version, columns) of ``key`` this client holds when the current version only appends
+        columns to it; None when the client must be sent the whole array."""
+        chain = self.growth.get(key)
+        if not chain or len(chain) < 2:
+            return None
+        synced = self.synced.get(client)
+        if synced is not None and key in self.keysets[synced[1]]:  # it holds the last version before its sync
+            held = [p for p in chain[:-1] if p[0] < synced[0]]
+            return held[-1] if held else None
+        return chain[0] if chain[0][0] == 0 else None  # what every client holds: the initial state
+
     def mark_synced(self, client: int, global_round: int, keys) -> None:
         self.synced[client] = (global_round, self.keyset_id(keys))
 
@@ -54,20 +75,38 @@ class DownlinkState:
         """Version the arrays an aggregation replaced (a new object under a key); returns their keys."""
         changed = [k for k, v in after.items() if before.get(k) is not v]
         for k in changed:
+            old, new = before.get(k), after[k]
+            if k in self.versions and appends_columns(old, new):
+                chain = self.growth.get(k, [])
+                if not chain or chain[-1][0] != self.versions[k]:
+                    chain = [(self.versions[k], old.shape[1])]
+                self.growth[k] = [*chain, (global_round, new.shape[1])]
+            else:
+                self.growth.pop(k, None)
             self.versions[k] = global_round
         for k in set(before) - set(after):
             self.versions.pop(k, None)
+            self.growth.pop(k, None)
         return changed
 
     def state_dict(self) -> dict:
         return {"versions": dict(self.versions), "synced": {c: list(v) for c, v in self.synced.items()},
-                "keysets": [list(k) for k in self.keysets]}
+                "keysets": [list(k) for k in self.keysets],
+                "growth": {k: [list(p) for p in chain] for k, chain in self.growth.items()}}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "DownlinkState":
         return cls({k: int(v) for k, v in state["versions"].items()},
                    {int(c): (int(v[0]), int(v[1])) for c, v in state["synced"].items()},
-                   [tuple(k) for k in state["keysets"]])
+                   [tuple(k) for k in state["keysets"]],
+                   {k: [(int(v), int(c)) for v, c in chain] for k, chain in state.get("growth", {}).items()})
+
+
+def appends_columns(old, new) -> bool:
+    """Is ``new`` the 2-D array ``old`` with columns appended (the old ones bit for bit)?"""
+    return (isinstance(old, np.ndarray) and isinstance(new, np.ndarray) and old.ndim == new.ndim == 2
+            and old.shape[0] == new.shape[0] and new.shape[1] > old.shape[1] and old.dtype == new.dtype
+            and np.array_equal(new[:, :old.shape[1]], old))
 
 
 @dataclass
@@ -80,15 +119,26 @@ class Parcel:
 
 
 def plan_parcels(state: DownlinkState, downlinks: dict[int, dict[str, np.ndarray]]) -> dict[int, Parcel]:
-    """client -> its parcel; clients with the same needed and stale keys share one object."""
+    """client -> its parcel; clients with the same needed and stale keys (and held prefixes of
+    growing arrays) share one object."""
     built: dict[tuple, Parcel] = {}
     out = {}
     for client, arrays in downlinks.items():
         keys = tuple(arrays)
         stale = tuple(state.stale(client, keys))
-        group = (keys, stale)
+        prefixes = tuple(state.held_prefix(client, k) for k in stale)
+        group = (keys, stale, prefixes)
         if group not in built:
-            manifest = ConfigRecord({"keys": list(keys), "versions": [int(state.versions.get(k, -1)) for k in keys]})
-            built[group] = Parcel(to_record({k: arrays[k] for k in stale}), manifest, keys)
+            extends, columns, sent = dict.fromkeys(keys, -1), dict.fromkeys(keys, 0), {}
+            for k, prefix in zip(stale, prefixes):
+                if prefix is None:
+                    sent[k] = arrays[k]
+                else:
+                    extends[k], columns[k] = prefix
+                    sent[k] = np.ascontiguousarray(arrays[k][:, columns[k]:])
+            manifest = ConfigRecord({"keys": list(keys), "versions": [int(state.versions.get(k, -1)) for k in keys],
+                                     "extends": [int(extends[k]) for k in keys],
+                                     "held_columns": [int(columns[k]) for k in keys]})
+            built[group] = Parcel(to_record(sent), manifest, keys)
         out[client] = built[group]
     return out

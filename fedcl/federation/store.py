@@ -140,6 +140,19 @@ class HeldArrays:
             if old != path and int(old.name.rsplit(".v", 1)[1][:-4]) < version:
                 old.unlink(missing_ok=True)
 
+    def prefix(self, key: str, version: int, columns: int):
+        """Version ``version`` of a growing array (one that only gains columns, see
+        ``fedcl.federation.downlink``): its file, or the first ``columns`` of a later version's, which
+        hold the same values (the server sends a growing array as new columns only if they do)."""
+        if self._path(key, version).exists() or (str(self.root), key, int(version)) in self._memory:
+            return self.get(key, version)
+        name = self._path(key, version).name.split(".v")[0]
+        later = sorted((int(p.name.rsplit(".v", 1)[1][:-4]) for p in self.root.glob(f"{name}.v*.npy")), reverse=True)
+        later = [v for v in later if v > version]
+        if not later:
+            return self.get(key, version)  # the error that says it is missing
+        return self.get(key, later[0])[:, :columns]
+
     def get(self, key: str, version: int):
         import numpy as np
 
