@@ -39,7 +39,8 @@ TYPES = {
                      "method.threshold", "method.feature_threshold", "method.weight_loss", "privacy.clip_norm",
                      "privacy.sample_rate", "privacy.delta", "privacy.basis_noise_multiplier",
                      "privacy.dp_sgd.noise_multiplier", "privacy.dp_sgd.max_grad_norm"], "float"),
-    **dict.fromkeys(["strategy.max_norm_ratio", "faults.deadline_s", "method.base_lr", "method.adapter_lr",
+    **dict.fromkeys(["strategy.max_norm_ratio", "strategy.reply_memory_mb", "faults.deadline_s", "method.base_lr",
+                     "method.adapter_lr",
                      "method.threshold_end", "privacy.noise_multiplier", "privacy.target_epsilon",
                      "privacy.dp_sgd.target_epsilon"], "float?"),
     **dict.fromkeys(["progress", "dataset.download", "dataset.augment", "model.pretrained", "method.orthogonal",
@@ -104,6 +105,10 @@ def validate(cfg: DictConfig) -> None:
     ratio = cfg.strategy.max_norm_ratio
     if ratio is not None and float(ratio) <= 1.0:
         raise ConfigError(f"strategy.max_norm_ratio={ratio} must be > 1 (or null to turn the norm check off).")
+    budget = cfg.strategy.get("reply_memory_mb", None)
+    if budget is not None and float(budget) < 0:
+        raise ConfigError(f"strategy.reply_memory_mb={budget} must be >= 0 (0: every update waits on disk; "
+                          "null: all in memory).")
     if (problem := check_faults(cfg)) is not None:
         raise ConfigError(problem)
     target = str(cfg.method.get("_target_", ""))

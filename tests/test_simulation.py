@@ -31,26 +31,45 @@ def test_replay_simulation_end_to_end(tmp_path, make_cfg):
 
 
 class RecordingGrid:
-    """A Grid that records the array names of every Flower message sent and received."""
+    """A Grid that records the array names of every Flower message sent and received; ``rounds``
+    holds each push of messages with the replies pulled for them."""
 
     def __init__(self, grid):
-        self.grid, self.log, self.rounds = grid, [], []
+        self.grid, self.log, self.rounds, self._round_of = grid, [], [], {}
 
     def get_node_ids(self):
         return self.grid.get_node_ids()
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = list(self.grid.push_messages(messages))
+        self.rounds.append((messages, []))
+        self._round_of.update(dict.fromkeys(ids, len(self.rounds) - 1))
+        self._record("down", messages)
+        return ids
+
+    def pull_messages(self, ids):
+        replies = list(self.grid.pull_messages(ids))
+        for r in replies:
+            self.rounds[self._round_of[r.metadata.reply_to_message_id]][1].append(r)
+        self._record("up", replies)
+        return replies
 
     def send_and_receive(self, messages, **kw):
         messages = list(messages)
         replies = list(self.grid.send_and_receive(messages, **kw))
         self.rounds.append((messages, replies))
-        for direction, batch in (("down", messages), ("up", replies)):
-            for m in batch:
-                if m.has_content() and "arrays" in m.content:
-                    down = direction == "down"
-                    node = m.metadata.dst_node_id if down else m.metadata.src_node_id
-                    task = int(m.content["config"]["task"]) if down else None
-                    self.log.append((direction, node, task, set(m.content["arrays"].keys())))
+        self._record("down", messages)
+        self._record("up", replies)
         return replies
+
+    def _record(self, direction, batch):
+        for m in batch:
+            if m.has_content() and "arrays" in m.content:
+                down = direction == "down"
+                node = m.metadata.dst_node_id if down else m.metadata.src_node_id
+                task = int(m.content["config"]["task"]) if down else None
+                self.log.append((direction, node, task, set(m.content["arrays"].keys())))
 
 
 def recorded_simulation(cfg, run_dir, recorder: bool = False) -> tuple[dict, list]:

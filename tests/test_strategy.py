@@ -124,3 +124,29 @@ def test_a_users_callback_admits_clients_and_adds_columns(tmp_path):
     messages = s.configure_train(1, None, None, grid=None)
     assert [m.metadata.dst_node_id for m in messages] == [0, 2]
     assert messages[1].content["config"]["note"] == "client 2"
+
+
+def test_updates_beyond_the_memory_budget_wait_on_disk_and_aggregate_to_the_same_arrays(tmp_path, monkeypatch):
+    from fedcl import ContinualStrategy
+    from fedcl.federation import spool as spool_module
+    from fedcl.federation.spool import ReplySpool, SpooledUpdate
+
+    monkeypatch.setattr(spool_module, "SMALL_BYTES", 0)  # the small CNN's arrays, too, are read from disk
+    results = []
+    for budget in ("null", "0"):  # all in memory; every update spooled
+        s = ContinualStrategy.from_overrides([*TINY, f"strategy.reply_memory_mb={budget}"],
+                                             run_dir=str(tmp_path / budget))
+        messages = s.configure_train(1, None, None, grid=None)
+        g = s.state.global_arrays
+        rng = np.random.default_rng(0)
+        ups = [{k: (v + rng.standard_normal(v.shape)).astype(v.dtype) for k, v in g.items()} for _ in range(4)]
+        s.aggregate_train(1, [reply(m, u, 10 + c, c) for c, (m, u) in enumerate(zip(messages, ups))])
+        results.append(s.state.global_arrays)
+        assert not (tmp_path / budget / "spool").exists()  # cleared after the round
+    assert all(np.array_equal(results[0][k], results[1][k]) for k in results[0])  # bit for bit
+    spool = ReplySpool(tmp_path / "spool", memory_mb=0)
+    big = {"w": np.arange(40000, dtype=np.float32).reshape(200, 200), "b": np.ones(3, np.float32)}
+    held = spool.add(0, big)
+    assert isinstance(held, SpooledUpdate) and list(held) == ["w", "b"] and spool.spooled == 1
+    assert isinstance(held["w"], np.memmap) and np.array_equal(held["w"], big["w"])
+    assert np.array_equal(held["b"], big["b"])

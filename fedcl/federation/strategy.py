@@ -49,8 +49,10 @@ from fedcl.federation.hooks import ServerCallback, mechanisms
 from fedcl.federation.schedule import RoundPlan, asked, schedule
 from fedcl.federation.screening import screen
 from fedcl.federation.server_state import ServerState, unpack
+from fedcl.federation.spool import ReplySpool, owned
 
 MAX_WORKER_RETRIES = 2  # retries of the clients whose Ray worker died, per round
+PULL_S = 0.05  # how often the server asks for replies while a round runs
 # per-round seconds in metrics.csv and their sums in results.json's timing: the server's parts, and
 # the clients' parts summed over the round's replies (they overlap in time across Ray workers)
 TIMED = ("configure_s", "aggregate_s", "evaluate_s", *(f"client_{p}_s" for p in Stopwatch.PARTS))
@@ -163,7 +165,7 @@ class ContinualStrategy(Strategy):
         deadline = float(cfg.faults.deadline_s) if cfg.faults.deadline_s else math.inf
         failures, candidates, answered, up = [], [], set(), 0
         client_time = dict.fromkeys(Stopwatch.PARTS, 0.0)  # summed over the round's clients
-        aggregate_started = time.monotonic()
+        spool = ReplySpool(Path(self.run_dir) / "spool", cfg.strategy.get("reply_memory_mb", None))
         for reply in replies:
             client = client_of.get(reply.metadata.src_node_id, -1)
             answered.add(client)
@@ -188,8 +190,9 @@ class ContinualStrategy(Strategy):
                 continue
             n = int(metrics_in["num-examples"])
             if n > 0 and "arrays" in reply.content:
-                candidates.append((client, from_record(reply.content["arrays"]), n))
+                candidates.append((client, spool.add(client, from_record(reply.content["arrays"])), n))
                 del reply.content["arrays"]  # decoded: the serialised copy need not stay in the driver
+        aggregate_started = time.monotonic()
         failures += [(c, "timeout", "no reply") for c in r.clients if c not in answered]
         ratio = cfg.strategy.max_norm_ratio
         before = self.state.global_arrays
@@ -198,20 +201,23 @@ class ContinualStrategy(Strategy):
                                     self.method.varies_across_clients,
                                     small_rounds=not any(cb.noisy_updates for cb in self.callbacks))
         failures = sorted(failures + rejected, key=lambda f: f[0])
-        changed = []
+        changed, accepted_count = [], len(accepted)
         if accepted:  # in client order: the float sum does not depend on which worker finished first
-            after = self.method.aggregate(before, [(a, n) for _, a, n in accepted], plan.task, plan.phase,
-                                          rule=self.rule)
+            after = owned(self.method.aggregate(before, [(a, n) for _, a, n in accepted], plan.task, plan.phase,
+                                                rule=self.rule))
             changed = self.state.downlink.bump(before, after, plan.global_round)
             self.state.global_arrays = freeze(after)
+        del candidates, accepted[:], rejected
+        spooled = spool.spooled
+        spool.clear()
         self.state.uplink += up
         self.state.downlink_bytes += r.downlink_bytes
         self.state.failures += [{"round": plan.global_round, "task": plan.task, "client": c, "kind": kind,
                                  "reason": reason} for c, kind, reason in failures]
-        self._last = {"accepted": len(accepted), "failures": failures, "uplink": up,
+        self._last = {"accepted": accepted_count, "failures": failures, "uplink": up, "spooled": spooled,
                       "aggregate_s": time.monotonic() - aggregate_started,
                       **{f"client_{part}_s": v for part, v in client_time.items()}}
-        counters = MetricRecord({"clients-sampled": len(r.clients), "clients-ok": len(accepted),
+        counters = MetricRecord({"clients-sampled": len(r.clients), "clients-ok": accepted_count,
                                  "clients-failed": len(failures), "uplink-bytes": up,
                                  "downlink-bytes": r.downlink_bytes})
         g = self.state.global_arrays
@@ -275,10 +281,9 @@ class ContinualStrategy(Strategy):
         round_timeout = timeout if timeout is not None else float(self.cfg.get("round_timeout_s", 3600))
         for plan in self.plans[self.state.rounds_done:]:
             messages = self.configure_train(plan.global_round, None, None, grid)
-            exchange_started = time.monotonic()
-            replies = self.exchange(grid, messages, round_timeout)
-            exchange_s = time.monotonic() - exchange_started
-            self.aggregate_train(plan.global_round, replies)
+            exchange_started = self._exchange_ended = time.monotonic()
+            self.aggregate_train(plan.global_round, self.exchange(grid, messages, round_timeout))
+            exchange_s = self._exchange_ended - exchange_started  # replies decoded as they arrived included
             self.state.failures += [{"round": plan.global_round, "task": plan.task, "client": c, "kind": "worker_lost",
                                      "reason": f"{reason} (asked again: recovered)"} for c, reason in self._recovered]
             self._last.update(exchange_s=exchange_s, workers_lost=len(self._recovered), configure_s=self._configure_s)
@@ -292,28 +297,38 @@ class ContinualStrategy(Strategy):
             cb.on_run_end(self, results)
         return results
 
-    def exchange(self, grid, messages: list[Message], timeout: float) -> list[Message]:
-        """Send a round's messages and collect the replies; clients whose Ray worker died are
-        asked again (their state on disk is from before the round, so it is the same computation)."""
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+    def exchange(self, grid, messages: list[Message], timeout: float):
+        """Send a round's messages and yield the replies as they arrive, so the driver decodes them
+        one by one instead of holding a round's worth. A client whose Ray worker died is asked again
+        at once (its state on disk is from before the round, so it is the same computation), at most
+        MAX_WORKER_RETRIES times. Replies missing at ``timeout`` count as timeouts."""
         self._recovered = []
         by_node = {m.metadata.dst_node_id: m for m in messages}
-        for attempt in range(MAX_WORKER_RETRIES + 1):
-            lost = [r for r in replies if r.has_error() and worker_lost(str(r.error.reason))]
-            if not lost:
-                return replies
-            if attempt == MAX_WORKER_RETRIES:
-                raise RuntimeLost(self.run_dir, f"{len(lost)} clients lost their Ray worker {MAX_WORKER_RETRIES + 1} "
-                                                f"times in round {self._round.plan.global_round}")
-            client_of = {self.nodes.get(c, c): c for c in self._round.clients}
-            self._recovered += [(client_of.get(r.metadata.src_node_id, -1), error_message(str(r.error.reason)))
-                                for r in lost]
-            again = [Message(by_node[r.metadata.src_node_id].content, message_type="train",
-                             dst_node_id=r.metadata.src_node_id) for r in lost]
-            lost_ids = {id(r) for r in lost}
-            replies = [r for r in replies if id(r) not in lost_ids]
-            replies += list(grid.send_and_receive(again, timeout=timeout))
-        return replies
+        retries = dict.fromkeys(by_node, 0)
+        waiting = set(grid.push_messages(messages))
+        del messages
+        client_of = {self.nodes.get(c, c): c for c in self._round.clients}
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            replies = list(grid.pull_messages(waiting))
+            for reply in replies:
+                waiting.discard(reply.metadata.reply_to_message_id)
+                node = reply.metadata.src_node_id
+                if reply.has_error() and worker_lost(str(reply.error.reason)):
+                    if retries[node] == MAX_WORKER_RETRIES:
+                        raise RuntimeLost(self.run_dir, f"client {client_of.get(node, -1)} lost its Ray worker "
+                                                        f"{MAX_WORKER_RETRIES + 1} times in round "
+                                                        f"{self._round.plan.global_round}")
+                    retries[node] += 1
+                    self._recovered.append((client_of.get(node, -1), error_message(str(reply.error.reason))))
+                    waiting.update(grid.push_messages([Message(by_node[node].content, message_type="train",
+                                                               dst_node_id=node)]))
+                    continue
+                yield reply
+            del replies
+            if waiting:
+                time.sleep(PULL_S)
+        self._exchange_ended = time.monotonic()
 
     def results(self) -> dict:
         s, method = self.state, self.method
