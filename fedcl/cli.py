@@ -21,17 +21,22 @@ def run_experiment(cfg: DictConfig, run_dir: str, resume: bool = False) -> dict:
     from fedcl import config, report
     from fedcl.data.datasets import load_dataset
     from fedcl.experiment import get_experiment
-    from fedcl.federation.simulation import simulate
+    from fedcl.federation.simulation import SimulationProcess, simulate
 
     started = time.monotonic()
     config.validate(cfg)
-    # the data alone first (a missing folder fails before Ray starts): the scenario's partition
-    # costs time per client, so the client count is checked against the data before it
-    data = load_dataset(cfg.dataset, int(cfg.seed))
-    config.validate_against_data(cfg, data.num_classes, len(data.y_train))
-    get_experiment(cfg).new_model()  # a model the method cannot adapt is a ConfigError here, not in a Ray worker
+    process = SimulationProcess()  # it boots while the config is checked against the data
+    try:
+        # the data alone first (a missing folder fails before Ray starts): the scenario's partition
+        # costs time per client, so the client count is checked against the data before it
+        data = load_dataset(cfg.dataset, int(cfg.seed))
+        config.validate_against_data(cfg, data.num_classes, len(data.y_train))
+        get_experiment(cfg).new_model()  # a model the method cannot adapt is a ConfigError here, not in a Ray worker
+    except BaseException:
+        process.cancel()
+        raise
     path = Path(run_dir) / "results.json"
-    simulate(cfg, run_dir, resume)
+    simulate(cfg, run_dir, resume, process)
     if not path.exists():
         raise RuntimeError(f"the simulation ended without writing {path}; see the log above")
     results = json.loads(path.read_text())

@@ -111,46 +111,74 @@ def hide_reported_faults(record: logging.LogRecord) -> bool:
 
 
 # ---- the simulation, in a child process -------------------------------------------------------------
-def simulate(cfg: DictConfig, run_dir: str, resume: bool = False) -> None:
-    """Run the simulation in a child process; its exceptions are raised here.
+class SimulationProcess:
+    """The child process a simulation runs in, started before its run is known: it boots (a
+    fresh interpreter importing torch, Flower and Ray: about 2 s) while this process validates the
+    config and loads the data. ``run`` hands it the run; ``cancel`` ends it unused."""
 
-    ConfigError for resources Ray does not have; RuntimeLost when Ray fails under the run (the
-    child then ended without an answer, or with a Ray error).
-    """
-    check_resources(cfg)
-    reap_finishing()
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch or Ray threads
-    answers, answer = context.Pipe(duplex=False)
-    child = context.Process(target=_simulate_in_child, args=(cfg, run_dir, resume, answer), name="fedcl-simulation")
-    child.start()
-    answer.close()
-    try:
-        while not answers.poll(POLL_S):
-            if not child.is_alive():
-                break
-        outcome = answers.recv() if answers.poll(0) else None
-    except EOFError:
-        outcome = None
-    except BaseException:  # Ctrl-C or the like: do not leave the simulation running
-        _stop(child)
-        raise
-    finally:
-        answers.close()
-    if outcome == "ok":  # results.json is written; Flower and Ray shut down while the caller goes on
-        _FINISHING.append(child)
-        return
-    child.join(EXIT_GRACE_S)
-    if child.is_alive():
-        _stop(child)
-    if outcome is None:
-        raise RuntimeLost(run_dir, f"the simulation process (the Ray driver) ended with {exit_text(child.exitcode)} "
-                                   "before the run finished; Ray ends its driver when the node's raylet, object "
-                                   "store or GCS dies, and the OOM killer may pick it too")
-    if outcome != "ok":
+    def __init__(self):
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch or Ray threads
+        jobs, self._jobs = context.Pipe(duplex=False)
+        self._answers, answer = context.Pipe(duplex=False)
+        self.child = context.Process(target=_simulate_in_child, args=(jobs, answer), name="fedcl-simulation")
+        self.child.start()
+        jobs.close()
+        answer.close()
+
+    def cancel(self) -> None:
+        _stop(self.child)
+        self._jobs.close()
+        self._answers.close()
+
+    def run(self, cfg: DictConfig, run_dir: str, resume: bool = False) -> None:
+        """Run the simulation of ``cfg`` in the child; its exceptions are raised here."""
+        child, answers = self.child, self._answers
+        try:
+            self._jobs.send((cfg, run_dir, resume))
+            while not answers.poll(POLL_S):
+                if not child.is_alive():
+                    break
+            outcome = answers.recv() if answers.poll(0) else None
+        except (EOFError, BrokenPipeError):
+            outcome = None
+        except BaseException:  # Ctrl-C or the like: do not leave the simulation running
+            _stop(child)
+            raise
+        finally:
+            answers.close()
+            self._jobs.close()
+        if outcome == "ok":  # results.json is written; Flower and Ray shut down while the caller goes on
+            _FINISHING.append(child)
+            return
+        child.join(EXIT_GRACE_S)
+        if child.is_alive():
+            _stop(child)
+        if outcome is None:
+            raise RuntimeLost(run_dir, f"the simulation process (the Ray driver) ended with "
+                                       f"{exit_text(child.exitcode)} before the run finished; Ray ends its driver "
+                                       "when the node's raylet, object store or GCS dies, and the OOM killer may "
+                                       "pick it too")
         error, child_traceback = outcome
         if not isinstance(error, (ConfigError, RuntimeLost)):  # unexpected: keep the child's traceback
             error.__cause__ = ChildTraceback(child_traceback)
         raise error
+
+
+def simulate(cfg: DictConfig, run_dir: str, resume: bool = False, process: SimulationProcess | None = None) -> None:
+    """Run the simulation in a child process (``process``, started earlier, or a new one); its
+    exceptions are raised here.
+
+    ConfigError for resources Ray does not have; RuntimeLost when Ray fails under the run (the
+    child then ended without an answer, or with a Ray error).
+    """
+    try:
+        check_resources(cfg)
+    except BaseException:
+        if process is not None:
+            process.cancel()
+        raise
+    reap_finishing()  # the last run's Ray is gone before this one's starts
+    (process or SimulationProcess()).run(cfg, run_dir, resume)
 
 
 _FINISHING: list = []  # simulation processes that answered and are shutting Ray down
@@ -190,12 +218,17 @@ def _stop(child) -> None:
         child.join()
 
 
-def _simulate_in_child(cfg: DictConfig, run_dir: str, resume: bool, answer) -> None:
-    """The child's whole life: simulate, send "ok" or (exception, traceback text), exit at once
-    (a server thread still waiting for replies of a crashed runtime must not keep it alive).
-    "ok" goes out as soon as results.json is written: the parent need not wait while Flower's
-    engine and Ray shut down (about 2 s)."""
+def _simulate_in_child(jobs, answer) -> None:
+    """The child's whole life: wait for the run, simulate, send "ok" or (exception, traceback
+    text), exit at once (a server thread still waiting for replies of a crashed runtime must not
+    keep it alive). "ok" goes out as soon as results.json is written: the parent need not wait
+    while Flower's engine and Ray shut down (about 2 s)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg, run_dir, resume = jobs.recv()
+    except (EOFError, OSError):  # the parent cancelled the run or is gone
+        os._exit(0)
+    jobs.close()
     answered = threading.Event()
 
     def results_written() -> None:
