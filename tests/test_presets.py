@@ -61,7 +61,8 @@ def tiny_vit_checkpoint(tmp_path_factory):
     return random_checkpoint("vit_tiny_patch16_224", tmp_path_factory.mktemp("weights"))
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+# duallora_cifar100_vitb16 runs end to end in test_paper_scale_reports_parts_and_the_summary_line
+@pytest.mark.parametrize("preset", sorted(set(PRESETS) - {"duallora_cifar100_vitb16"}))
 def test_preset_runs_a_round_per_task_on_cpu(tmp_path, make_cfg, tiny_vit_checkpoint, preset):
     """Two clients, two tasks of two classes, one round each, at the preset's image size; a ViT
     preset on a random vit_tiny file (pretrained-shaped: no base session)."""
