@@ -78,6 +78,13 @@ def backend_config(cfg: DictConfig) -> dict:
     from fedcl.federation import registration
 
     registration.install()  # Flower's engine without per-node costs per message (100,000 clients)
+    return {"client_resources": {"num_cpus": float(cfg.ray.client_cpus),
+                                 "num_gpus": float(cfg.ray.client_gpus)},
+            "init_args": ray_init_args(cfg)}
+
+
+def ray_init_args(cfg: DictConfig) -> dict:
+    """``ray.init`` arguments of the run (no Flower import: the simulation process starts Ray first)."""
     init_args: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
     if cfg.ray.address:
         init_args["address"] = str(cfg.ray.address)
@@ -85,6 +92,4 @@ def backend_config(cfg: DictConfig) -> dict:
         init_args["address"] = "local"
         if cfg.ray.num_cpus:
             init_args["num_cpus"] = int(cfg.ray.num_cpus)
-    return {"client_resources": {"num_cpus": float(cfg.ray.client_cpus),
-                                 "num_gpus": float(cfg.ray.client_gpus)},
-            "init_args": init_args}
+    return init_args

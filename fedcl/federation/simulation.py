@@ -23,8 +23,7 @@ import traceback
 from omegaconf import DictConfig
 
 from fedcl.errors import ConfigError, RuntimeLost
-from fedcl.federation.faults import INJECTED_CRASH
-from fedcl.federation.runtime import backend_config
+from fedcl.federation.runtime import backend_config, ray_init_args
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -105,6 +104,8 @@ def hide_reported_faults(record: logging.LogRecord) -> bool:
     """Flower logs every failed client with its traceback. An injected crash (``faults.crash``) and
     a lost Ray worker (asked again, see ``runtime``) are reported in the progress line and
     ``failures`` instead. Other errors still print."""
+    from fedcl.federation.faults import INJECTED_CRASH  # here: faults imports torch, which Ray need not wait for
+
     message = record.getMessage()
     return INJECTED_CRASH not in message and not _LOST_WORKER_LOG.search(message)
 
@@ -280,7 +281,7 @@ def start_local_ray(cfg: DictConfig) -> None:
     import ray
 
     os.environ["PYTHONPATH"] = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
-    ray.init(**{"include_dashboard": False, **backend_config(cfg)["init_args"]})
+    ray.init(**{"include_dashboard": False, **ray_init_args(cfg)})
 
 
 def _import_apps() -> None:
