@@ -34,12 +34,12 @@ import threading
 import time
 
 import psutil
-import torch
 
+# light at load, as the ``fedcl`` command is: fedcl's simulation process re-imports the main module
+# (multiprocessing's spawn), and torch or matplotlib here would be start-up time the CLI does not pay
 from fedcl.cli import run_experiment
 from fedcl.federation.run_config import compose_config
 from fedcl.federation.simulation import reap_finishing
-from fedcl.report import text_table
 
 
 def workload(clients: int, samples: int, extra: list[str]) -> list[str]:
@@ -66,6 +66,8 @@ _WORKER: dict = {}
 
 
 def _init_worker(overrides: list[str]) -> None:
+    import torch
+
     from fedcl.experiment import get_experiment
 
     torch.set_num_threads(1)
@@ -200,6 +202,8 @@ def split(results: dict, total_s: float) -> dict[str, float]:
 
 
 def main() -> None:
+    from fedcl.report import text_table
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="100", help="comma-separated client counts")
     parser.add_argument("--samples", type=int, default=200, help="training samples per client per task")
