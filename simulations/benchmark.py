@@ -2,6 +2,7 @@
 
     python simulations/benchmark.py --clients 100
     python simulations/benchmark.py --clients 10,100,1000
+    python simulations/benchmark.py --clients 100 --repeat 3   # medians of 3 interleaved runs
 
 Work (per client count N): synthetic 16 px data, the small CNN, ``method=finetune`` (FedAvg),
 2 tasks x 2 rounds, ``min(N, 100)`` clients sampled per round, ``--samples`` training samples per
@@ -21,7 +22,9 @@ client per task, one local epoch.
     the split) while the caller goes on.
 
 The last line is ``limit_ratio=<c/a> peer_ratio=<c/b> overhead_ms=<(c - a) per client-round>
-peak_mb=<peak RSS of (c)'s process tree>`` for the last N.
+peak_mb=<peak RSS of (c)'s process tree>`` for the last N. ``--repeat K`` runs (a), (b), (b0) and (c)
+K times, interleaved, and reports medians: on a shared or virtual machine one run of each varies by
+10-30 %.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import argparse
 import logging
 import multiprocessing as mp
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -209,6 +213,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200, help="training samples per client per task")
     parser.add_argument("--out", default=None, help="run directories (default: a temporary one)")
     parser.add_argument("--no-stock", action="store_true", help="skip (b), the stock Flower app")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each of (a), (b), (c), interleaved; "
+                        "the table shows medians")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for all three")
     args = parser.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="fedcl_bench_")
@@ -217,16 +223,23 @@ def main() -> None:
         overrides = workload(n, args.samples, args.overrides)
         cfg = compose_config(overrides)
         jobs = client_rounds(cfg)
-        limit_s = limit(overrides, jobs)
-        stock_s = float("nan") if args.no_stock else stock_flower(cfg)
-        floor_s = float("nan") if args.no_stock else stock_flower(cfg, train_clients=False)
-        with PeakMemory() as mem:
-            started = time.perf_counter()
-            results = run_experiment(cfg, os.path.join(out, f"clients_{n}"))
-            fedcl_s = time.perf_counter() - started
-            reap_finishing()  # Flower's engine and Ray shutting down after results.json was written
-            teardown_s = time.perf_counter() - started - fedcl_s
-        parts = split(results, fedcl_s)
+        times: dict[str, list[float]] = {"limit": [], "stock": [], "floor": [], "fedcl": []}
+        for _ in range(args.repeat):  # interleaved: a slow spell of the machine hits every column
+            times["limit"].append(limit(overrides, jobs))
+            times["stock"].append(float("nan") if args.no_stock else stock_flower(cfg))
+            times["floor"].append(float("nan") if args.no_stock else stock_flower(cfg, train_clients=False))
+            with PeakMemory() as mem:
+                started = time.perf_counter()
+                results = run_experiment(cfg, os.path.join(out, f"clients_{n}"))
+                times["fedcl"].append(time.perf_counter() - started)
+                reap_finishing()  # Flower's engine and Ray shutting down after results.json was written
+                teardown_s = time.perf_counter() - started - times["fedcl"][-1]
+        if args.repeat > 1:
+            ratios = sorted(f / a for f, a in zip(times["fedcl"], times["limit"]))
+            print(f"N={n}: c/a of the {args.repeat} runs: {', '.join(f'{r:.2f}' for r in ratios)}; "
+                  f"c/b: {', '.join(f'{f / b:.2f}' for f, b in zip(times['fedcl'], times['stock']))}")
+        limit_s, stock_s, floor_s, fedcl_s = (statistics.median(times[k]) for k in ("limit", "stock", "floor", "fedcl"))
+        parts = split(results, times["fedcl"][-1])  # the last run's
         parts["after the results: Flower and Ray shut down"] = teardown_s
         print(text_table(["fedcl's time, N=" + str(n), "s"], [[k, f"{v:.1f}"] for k, v in parts.items()]))
         overhead_ms = 1000 * (fedcl_s - limit_s) / len(jobs)
