@@ -59,11 +59,10 @@ def cpu_seconds(fn):
     return out, time.process_time() - started
 
 
-def pieces(n: int) -> list:
-    """CPU seconds of the per-client pieces at ``n`` clients (run_simulation's own engine, no Ray)."""
-    from flwr.app import Message, RecordDict
+def in_memory_engine() -> SimpleNamespace:
+    """An in-memory link state and grid as ``run_simulation`` sets them up (flwr 1.42), with fedcl's
+    engine patches installed: factory, state, run, grid."""
     from flwr.proto.task_pb2 import Task
-    from flwr.server.superlink.fleet.vce import vce_api
     from flwr.server.superlink.linkstate import LinkStateFactory
     from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
     from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
@@ -73,23 +72,35 @@ def pieces(n: int) -> list:
     from flwr.superlink.federation import NoOpFederationManager
     from flwr.superlink.grid import InMemoryGrid
 
-    from fedcl.data.scenario import build_scenario
     from fedcl.federation import registration
 
     registration.install()
-    per_class = max(100, n // 5)
-    y = np.repeat(np.arange(10), per_class)
-    _, scenario_s = cpu_seconds(lambda: build_scenario(y, y[:300], 10, 2, n, SimpleNamespace(name="iid"), 0))
     factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
     state = factory.state()
     run = Run.create_empty(run_id=7)
     run.primary_task_id, run.federation_id = 3, NOOP_FEDERATION_ID
     state.run_ids[7], state.task_store[3] = RunRecord(run=run), Task(task_id=3, run_id=7)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
-    nodes, nodes_s = cpu_seconds(lambda: vce_api._register_nodes(n, factory))
-    _, contexts_s = cpu_seconds(lambda: vce_api._register_node_info_stores(nodes, run))
     grid = InMemoryGrid(factory)
     grid.set_run(run)
+    return SimpleNamespace(factory=factory, state=state, run=run, grid=grid)
+
+
+def pieces(n: int) -> list:
+    """CPU seconds of the per-client pieces at ``n`` clients (run_simulation's own engine, no Ray)."""
+    from flwr.app import Message, RecordDict
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from fedcl.data.scenario import build_scenario
+    from fedcl.federation import registration
+
+    per_class = max(100, n // 5)
+    y = np.repeat(np.arange(10), per_class)
+    _, scenario_s = cpu_seconds(lambda: build_scenario(y, y[:300], 10, 2, n, SimpleNamespace(name="iid"), 0))
+    engine = in_memory_engine()
+    factory, state, run, grid = engine.factory, engine.state, engine.run, engine.grid
+    nodes, nodes_s = cpu_seconds(lambda: vce_api._register_nodes(n, factory))
+    _, contexts_s = cpu_seconds(lambda: vce_api._register_node_info_stores(nodes, run))
     mapping, registration_s = cpu_seconds(lambda: registration.register_clients(grid, n))
     assert sorted(mapping) == list(range(n))
     grid.push_messages([Message(RecordDict(), message_type="train", dst_node_id=mapping[c]) for c in range(100)])

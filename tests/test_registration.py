@@ -1,40 +1,27 @@
 """Registration and Flower's simulation engine at many clients: no per-node cost where a per-message
 one will do (fedcl.federation.registration), and a partition that is two arrays (fedcl.data.scenario)."""
+import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from flwr.app import Message, RecordDict
-from flwr.proto.task_pb2 import Task
 from flwr.server.superlink.fleet.vce import vce_api
-from flwr.server.superlink.linkstate import LinkStateFactory
-from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
-from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
-from flwr.supercore.object_store import ObjectStoreFactory
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.superlink.federation import NoOpFederationManager
-from flwr.superlink.grid import InMemoryGrid
 
 from fedcl.data.scenario import partition_rows
 from fedcl.federation import registration
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "simulations"))
+from scale_clients import in_memory_engine  # noqa: E402 - the engine scale_clients.py --pieces times
 
 
 @pytest.fixture
 def engine():
     """An in-memory link state and grid as run_simulation sets them up, with the engine patched."""
-    registration.install()
-    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
-    state = factory.state()
-    run = Run.create_empty(run_id=7)
-    run.primary_task_id, run.federation_id = 3, NOOP_FEDERATION_ID
-    state.run_ids[7], state.task_store[3] = RunRecord(run=run), Task(task_id=3, run_id=7)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
-    grid = InMemoryGrid(factory)
-    grid.set_run(run)
-    return SimpleNamespace(factory=factory, state=state, run=run, grid=grid)
+    return in_memory_engine()
 
 
 class Queue:
