@@ -84,7 +84,8 @@ def backend_config(cfg: DictConfig) -> dict:
 
 
 def ray_init_args(cfg: DictConfig) -> dict:
-    """``ray.init`` arguments of the run (no Flower import: the simulation process starts Ray first)."""
+    """``ray.init`` arguments of the run (``simulation.start_local_ray`` starts Ray with them before
+    Flower's backend would)."""
     init_args: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
     if cfg.ray.address:
         init_args["address"] = str(cfg.ray.address)

@@ -23,6 +23,7 @@ import traceback
 from omegaconf import DictConfig
 
 from fedcl.errors import ConfigError, RuntimeLost
+from fedcl.federation.faults import INJECTED_CRASH
 from fedcl.federation.runtime import backend_config, ray_init_args
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -104,8 +105,6 @@ def hide_reported_faults(record: logging.LogRecord) -> bool:
     """Flower logs every failed client with its traceback. An injected crash (``faults.crash``) and
     a lost Ray worker (asked again, see ``runtime``) are reported in the progress line and
     ``failures`` instead. Other errors still print."""
-    from fedcl.federation.faults import INJECTED_CRASH  # here: faults imports torch, which Ray need not wait for
-
     message = record.getMessage()
     return INJECTED_CRASH not in message and not _LOST_WORKER_LOG.search(message)
 
@@ -282,13 +281,6 @@ def start_local_ray(cfg: DictConfig) -> None:
 
     os.environ["PYTHONPATH"] = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     ray.init(**{"include_dashboard": False, **ray_init_args(cfg)})
-
-
-def _import_apps() -> None:
-    import flwr.simulation  # noqa: F401
-
-    import fedcl.federation.client_app  # noqa: F401
-    import fedcl.federation.server_app  # noqa: F401
 
 
 def run_simulation_here(cfg: DictConfig, run_dir: str, resume: bool = False, on_results=None) -> None:

@@ -136,9 +136,14 @@ class HeldArrays:
         with os.fdopen(fd, "wb") as f:
             np.save(f, np.asarray(array), allow_pickle=False)
         os.replace(tmp, path)
-        for old in path.parent.glob(f"{path.name.split('.v')[0]}.v*.npy"):
-            if old != path and int(old.name.rsplit(".v", 1)[1][:-4]) < version:
-                old.unlink(missing_ok=True)
+        for old, stored in self._stored(key).items():
+            if old < version:
+                stored.unlink(missing_ok=True)
+
+    def _stored(self, key: str) -> dict[int, Path]:
+        """version -> file of every stored version of ``key``."""
+        name = self._path(key, 0).name.split(".v")[0]
+        return {int(p.name.rsplit(".v", 1)[1][:-4]): p for p in self.root.glob(f"{name}.v*.npy")}
 
     def prefix(self, key: str, version: int, columns: int):
         """Version ``version`` of a growing array (one that only gains columns, see
@@ -146,12 +151,10 @@ class HeldArrays:
         hold the same values (the server sends a growing array as new columns only if they do)."""
         if self._path(key, version).exists() or (str(self.root), key, int(version)) in self._memory:
             return self.get(key, version)
-        name = self._path(key, version).name.split(".v")[0]
-        later = sorted((int(p.name.rsplit(".v", 1)[1][:-4]) for p in self.root.glob(f"{name}.v*.npy")), reverse=True)
-        later = [v for v in later if v > version]
+        later = [v for v in self._stored(key) if v > version]
         if not later:
             return self.get(key, version)  # the error that says it is missing
-        return self.get(key, later[0])[:, :columns]
+        return self.get(key, max(later))[:, :columns]
 
     def get(self, key: str, version: int):
         import numpy as np

@@ -201,23 +201,21 @@ class ContinualStrategy(Strategy):
                                     self.method.varies_across_clients,
                                     small_rounds=not any(cb.noisy_updates for cb in self.callbacks))
         failures = sorted(failures + rejected, key=lambda f: f[0])
-        changed, accepted_count = [], len(accepted)
+        changed = []
         if accepted:  # in client order: the float sum does not depend on which worker finished first
             after = owned(self.method.aggregate(before, [(a, n) for _, a, n in accepted], plan.task, plan.phase,
                                                 rule=self.rule))
             changed = self.state.downlink.bump(before, after, plan.global_round)
             self.state.global_arrays = freeze(after)
-        del candidates, accepted[:], rejected
-        spooled = spool.spooled
         spool.clear()
         self.state.uplink += up
         self.state.downlink_bytes += r.downlink_bytes
         self.state.failures += [{"round": plan.global_round, "task": plan.task, "client": c, "kind": kind,
                                  "reason": reason} for c, kind, reason in failures]
-        self._last = {"accepted": accepted_count, "failures": failures, "uplink": up, "spooled": spooled,
+        self._last = {"accepted": len(accepted), "failures": failures, "uplink": up,
                       "aggregate_s": time.monotonic() - aggregate_started,
                       **{f"client_{part}_s": v for part, v in client_time.items()}}
-        counters = MetricRecord({"clients-sampled": len(r.clients), "clients-ok": accepted_count,
+        counters = MetricRecord({"clients-sampled": len(r.clients), "clients-ok": len(accepted),
                                  "clients-failed": len(failures), "uplink-bytes": up,
                                  "downlink-bytes": r.downlink_bytes})
         g = self.state.global_arrays
@@ -281,9 +279,10 @@ class ContinualStrategy(Strategy):
         round_timeout = timeout if timeout is not None else float(self.cfg.get("round_timeout_s", 3600))
         for plan in self.plans[self.state.rounds_done:]:
             messages = self.configure_train(plan.global_round, None, None, grid)
-            exchange_started = self._exchange_ended = time.monotonic()
+            exchange_started = time.monotonic()
             self.aggregate_train(plan.global_round, self.exchange(grid, messages, round_timeout))
-            exchange_s = self._exchange_ended - exchange_started  # replies decoded as they arrived included
+            # aggregate_train decodes each reply as it arrives: exchange is all of it but the aggregation
+            exchange_s = time.monotonic() - exchange_started - self._last["aggregate_s"]
             self.state.failures += [{"round": plan.global_round, "task": plan.task, "client": c, "kind": "worker_lost",
                                      "reason": f"{reason} (asked again: recovered)"} for c, reason in self._recovered]
             self._last.update(exchange_s=exchange_s, workers_lost=len(self._recovered), configure_s=self._configure_s)
@@ -328,7 +327,6 @@ class ContinualStrategy(Strategy):
             del replies
             if waiting:
                 time.sleep(PULL_S)
-        self._exchange_ended = time.monotonic()
 
     def results(self) -> dict:
         s, method = self.state, self.method
