@@ -21,13 +21,14 @@ DEVICES = ("auto", "cpu", "cuda")
 # every number and boolean in conf/ is listed here.
 TYPES = {
     **dict.fromkeys(["seed", "num_clients", "num_tasks", "rounds_per_task", "local_epochs", "batch_size",
-                     "dataset.channels", "dataset.num_classes", "dataset.train_per_class", "dataset.test_per_class",
+                     "dataset.channels", "dataset.num_classes",
                      "model.width", "model.depth", "model.embed_dim", "model.num_heads", "model.patch_size",
                      "model.stem_channels", "method.rank", "method.memory_per_class", "method.max_client_basis",
                      "method.max_key_dims", "partition.shards_per_client", "privacy.start_task",
                      "privacy.audit_max_clients", "aggregator.byzantine", "aggregator.multi", "method.ca_epochs",
                      "method.ca_samples"], "int"),
-    **dict.fromkeys(["dataset.image_size", "ray.num_cpus", "scenario.base_classes", "method.base_epochs",
+    **dict.fromkeys(["dataset.image_size", "dataset.train_per_class", "dataset.test_per_class", "ray.num_cpus",
+                     "scenario.base_classes", "method.base_epochs",
                      "method.memory_total",
                      "method.freeze_base_after"], "int?"),
     **dict.fromkeys(["lr", "momentum", "weight_decay", "fraction_train", "ray.client_cpus", "ray.client_gpus",

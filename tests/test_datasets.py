@@ -1,4 +1,6 @@
 """Loaders on tiny files written in the real on-disk formats, in tmp_path; nothing is ever downloaded."""
+import gzip
+import os
 import pickle
 import struct
 import urllib.error
@@ -109,34 +111,81 @@ def test_cifar_checksums_are_checked(tmp_path):
         load_dataset(cfg(name="cifar10", root=str(tmp_path)), 0)
 
 
-# ---- MNIST / Fashion-MNIST: uncompressed idx files in <root>/<ClassName>/raw; torchvision checks only that
-# they exist (no md5 for the unpacked files)
+# ---- MNIST / Fashion-MNIST: IDX files, read in place in torchvision's <root>/<ClassName>/raw layout or
+# directly in root, gzipped or not (Debian's dataset-fashion-mnist installs them gzipped in one folder)
 
-def write_idx(raw, prefix, images, labels):
-    with open(raw / f"{prefix}-images-idx3-ubyte", "wb") as f:
+def write_idx(folder, prefix, images, labels, gz=False):
+    opener, ext = (gzip.open, ".gz") if gz else (open, "")
+    with opener(folder / f"{prefix}-images-idx3-ubyte{ext}", "wb") as f:
         f.write(struct.pack(">IIII", 2051, len(images), 28, 28) + images.tobytes())
-    with open(raw / f"{prefix}-labels-idx1-ubyte", "wb") as f:
+    with opener(folder / f"{prefix}-labels-idx1-ubyte{ext}", "wb") as f:
         f.write(struct.pack(">II", 2049, len(labels)) + labels.tobytes())
 
 
+@pytest.mark.parametrize("layout", ["torchvision", "debian", "plain"])
 @pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
-def test_mnist_idx_round_trips_pixels_and_labels(tmp_path, name, folder):
+def test_mnist_idx_round_trips_pixels_and_labels(tmp_path, name, folder, layout, network):
     rng = np.random.default_rng(2)
-    raw = tmp_path / folder / "raw"
-    raw.mkdir(parents=True)
+    raw = tmp_path / folder / "raw" if layout == "torchvision" else tmp_path
+    raw.mkdir(parents=True, exist_ok=True)
     xtr, ytr = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8), np.array([0, 1, 2, 3, 4, 9], np.uint8)
     xte, yte = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8), np.array([9, 8, 7], np.uint8)
-    write_idx(raw, "train", xtr, ytr)
-    write_idx(raw, "t10k", xte, yte)
+    write_idx(raw, "train", xtr, ytr, gz=layout == "debian")
+    write_idx(raw, "t10k", xte, yte, gz=layout == "debian")
     d = load_dataset(cfg(name=name, root=str(tmp_path)), 0)
     assert d.x_train.shape == (6, 1, 28, 28) and d.x_train.dtype == np.uint8 and d.num_classes == 10
     np.testing.assert_array_equal(d.x_train[:, 0], xtr)
     np.testing.assert_array_equal(d.x_test[:, 0], xte)
     assert d.y_train.dtype == np.int64 and d.y_train.tolist() == ytr.tolist() and d.y_test.tolist() == [9, 8, 7]
+    assert not network and sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(
+        p.name for p in raw.iterdir())  # read in place: nothing copied or unpacked
 
-    (raw / "t10k-labels-idx1-ubyte").unlink()
+    next(raw.glob("t10k-labels-idx1-ubyte*")).unlink()
     with pytest.raises(ConfigError, match="dataset.download=true"):
         load_dataset(cfg(name=name, root=str(tmp_path)), 0)
+
+
+def test_corrupt_idx_file_is_a_config_error(tmp_path):
+    rng = np.random.default_rng(0)
+    write_idx(tmp_path, "train", rng.integers(0, 256, (4, 28, 28), dtype=np.uint8), np.arange(4, dtype=np.uint8))
+    write_idx(tmp_path, "t10k", rng.integers(0, 256, (2, 28, 28), dtype=np.uint8), np.arange(2, dtype=np.uint8))
+    images = tmp_path / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-10])
+    with pytest.raises(ConfigError, match="truncated"):
+        load_dataset(cfg(name="fashion_mnist", root=str(tmp_path)), 0)
+
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION), reason="real Fashion-MNIST not installed (apt-get install "
+                    "dataset-fashion-mnist; .ci/run installs it where apt is available)")
+def test_debian_fashion_mnist_loads_in_place():
+    d = load_dataset(cfg(name="fashion_mnist", root=FASHION, train_per_class=100, test_per_class=10), 0)
+    assert d.x_train.shape == (1000, 1, 28, 28) and d.x_test.shape == (100, 1, 28, 28) and d.num_classes == 10
+    assert (np.bincount(d.y_train) == 100).all() and 0.2 < d.mean[0] < 0.4
+
+
+# ---- subsets: dataset.train_per_class / test_per_class for every data set
+
+def test_subsets_are_stratified_and_seeded():
+    full = load_dataset(cfg(name="digits"), 0)
+    a = load_dataset(cfg(name="digits", train_per_class=20, test_per_class=5), 0)
+    b = load_dataset(cfg(name="digits", train_per_class=20, test_per_class=5), 0)
+    c = load_dataset(cfg(name="digits", train_per_class=20, test_per_class=5), 1)
+    assert (np.bincount(a.y_train) == 20).all() and (np.bincount(a.y_test) == 5).all()
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    np.testing.assert_array_equal(a.y_test, b.y_test)
+    assert not np.array_equal(a.x_train, c.x_train)
+    # rows of the subset are rows of the whole set, with their own labels
+    whole = {row.tobytes(): y for row, y in zip(full.x_train, full.y_train)}
+    assert all(whole[row.tobytes()] == y for row, y in zip(a.x_train, a.y_train))
+    # the training subset does not move when only the test subset changes; more than a class has: all of it
+    other_test = load_dataset(cfg(name="digits", train_per_class=20, test_per_class=10_000), 0)
+    np.testing.assert_array_equal(a.x_train, other_test.x_train)
+    assert len(other_test.y_test) == len(full.y_test)
+    with pytest.raises(ConfigError, match="train_per_class=0 must be a positive integer"):
+        load_dataset(cfg(name="digits", train_per_class=0), 0)
 
 
 # ---- imagefolder

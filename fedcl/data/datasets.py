@@ -6,6 +6,8 @@ Torchvision sets are read from ``dataset.root`` and fetched only when ``dataset.
 """
 from __future__ import annotations
 
+import gzip
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ TORCHVISION = {
     "cifar10": ("CIFAR10", "CIFAR-10", "cifar-10-batches-py"),
     "cifar100": ("CIFAR100", "CIFAR-100", "cifar-100-python"),
 }
+IDX_SETS = ("mnist", "fashion_mnist")  # read from IDX files in place (see load_idx)
 
 
 @dataclass
@@ -117,14 +120,72 @@ def _need_root(cfg, what: str, hint: str) -> Path:
     return Path(str(root)).expanduser()
 
 
-def load_torchvision(cfg, seed: int) -> DataSplit:
-    """MNIST, Fashion-MNIST, CIFAR-10/100 through torchvision, which reads its usual files under root."""
-    import torchvision.datasets as tvd
+IDX_NAMES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (LeCun's MNIST format), gzipped or not: magic 0x0000 08 <ndim>, big-endian uint32
+    dims, then uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise ConfigError(f"{path} is not an uint8 IDX file (its first bytes are {raw[:4].hex()}); "
+                          "replace it with the data set's original file.")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ConfigError(f"{path} is truncated: its header says {dims} values, it holds {data.size}; "
+                          "replace it with the data set's original file.")
+    return data.reshape(dims)
+
+
+def idx_folder(root: Path, cls_name: str) -> Path | None:
+    """Where the four IDX files are: directly in root (as Debian's dataset-* packages install them,
+    gzipped) or in torchvision's ``<root>/<Class>/raw``; None if in neither."""
+    for folder in (root, root / cls_name / "raw", root / cls_name):
+        if all(idx_file(folder, name) for pair in IDX_NAMES.values() for name in pair):
+            return folder
+    return None
+
+
+def idx_file(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_idx(name: str, folder: Path) -> DataSplit:
+    """MNIST-style IDX files, read in place."""
+    arrays = {}
+    for split, (images, labels) in IDX_NAMES.items():
+        x, y = read_idx(idx_file(folder, images)), read_idx(idx_file(folder, labels))
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise ConfigError(f"{folder}: {images} holds {x.shape} and {labels} {y.shape}; expected N images of "
+                              "H x W and N labels. Replace them with the data set's original files.")
+        arrays[split] = (x[:, None], y.astype(np.int64))
+    (xtr, ytr), (xte, yte) = arrays["train"], arrays["test"]
+    return _split(name, xtr, ytr, xte, yte, int(max(ytr.max(), yte.max())) + 1)
+
+
+def load_torchvision(cfg, seed: int) -> DataSplit:
+    """MNIST, Fashion-MNIST, CIFAR-10/100 under root. MNIST-style IDX files are read in place, in
+    torchvision's layout or directly in root (gzipped or not); the rest through torchvision, which
+    also fetches a missing set when ``dataset.download=true``."""
     cls_name, label, files = TORCHVISION[cfg.name]
     hint = ", and dataset.download=true to fetch it there (needs internet)"
+    if cfg.name in IDX_SETS:
+        files = (f"train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+                 f"t10k-labels-idx1-ubyte, gzipped or not, in the folder itself or in {cls_name}/raw/")
     root = _need_root(cfg, f"(or will hold) the {label} files ({files})", hint)
     download = getattr(cfg, "download", False) is True  # a string such as "false" never downloads
+    if cfg.name in IDX_SETS and (folder := idx_folder(root, cls_name)) is not None:
+        return load_idx(cfg.name, folder)
+    import torchvision.datasets as tvd
+
     try:
         train = getattr(tvd, cls_name)(str(root), train=True, download=download)
         test = getattr(tvd, cls_name)(str(root), train=False, download=download)
@@ -178,14 +239,47 @@ def load_imagefolder(cfg, seed: int) -> DataSplit:
 
 
 def load_dataset(cfg, seed: int) -> DataSplit:
-    """The data set ``cfg.name`` names; ``seed`` decides the digits split and the synthetic images."""
+    """The data set ``cfg.name`` names; ``seed`` decides the digits split, the synthetic images and
+    the subset that ``dataset.train_per_class`` / ``test_per_class`` keep."""
     name = getattr(cfg, "name", None)
     if name == "digits":
-        return load_digits(cfg, seed)
-    if name == "synthetic":
-        return load_synthetic(cfg, seed)
-    if name in TORCHVISION:
-        return load_torchvision(cfg, seed)
-    if name == "imagefolder":
-        return load_imagefolder(cfg, seed)
-    raise ConfigError(f"dataset.name={name!r} is unknown. Choose one of: {', '.join(DATASETS)}.")
+        data = load_digits(cfg, seed)
+    elif name == "synthetic":
+        return load_synthetic(cfg, seed)  # generates exactly train_per_class / test_per_class per class
+    elif name in TORCHVISION:
+        data = load_torchvision(cfg, seed)
+    elif name == "imagefolder":
+        data = load_imagefolder(cfg, seed)
+    else:
+        raise ConfigError(f"dataset.name={name!r} is unknown. Choose one of: {', '.join(DATASETS)}.")
+    return subset(data, _per_class(cfg, "train_per_class"), _per_class(cfg, "test_per_class"), seed)
+
+
+def _per_class(cfg, key: str) -> int | None:
+    value = getattr(cfg, key, None)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"dataset.{key}={value!r} must be a positive integer (images kept per class), "
+                          "or null for all of them.")
+    return value
+
+
+def stratified_rows(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted row indices: ``per_class`` rows of each class drawn without replacement (all of a
+    class that has fewer)."""
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(picks)) if picks else np.empty(0, np.int64)
+
+
+def subset(data: DataSplit, train_per_class: int | None, test_per_class: int | None, seed: int) -> DataSplit:
+    """A seeded, stratified subset of a data set (None keeps a split whole). Training and test rows
+    come from separate streams, so the training subset does not change with ``test_per_class``."""
+    if train_per_class is None and test_per_class is None:
+        return data
+    xtr, ytr, xte, yte = data.x_train, data.y_train, data.x_test, data.y_test
+    if train_per_class is not None:
+        rows = stratified_rows(ytr, train_per_class, np.random.default_rng([seed, 31, 1]))
+        xtr, ytr = xtr[rows], ytr[rows]
+    if test_per_class is not None:
+        rows = stratified_rows(yte, test_per_class, np.random.default_rng([seed, 31, 2]))
+        xte, yte = xte[rows], yte[rows]
+    return _split(data.name, xtr, ytr, xte, yte, data.num_classes)
