@@ -23,7 +23,7 @@ TYPES = {
     **dict.fromkeys(["seed", "num_clients", "num_tasks", "rounds_per_task", "local_epochs", "batch_size",
                      "dataset.channels", "dataset.num_classes",
                      "model.width", "model.depth", "model.embed_dim", "model.num_heads", "model.patch_size",
-                     "model.stem_channels", "method.rank", "method.memory_per_class", "method.max_client_basis",
+                     "model.stem_channels", "model.grid", "method.rank", "method.memory_per_class", "method.max_client_basis",
                      "method.max_key_dims", "partition.shards_per_client", "privacy.start_task",
                      "privacy.audit_max_clients", "aggregator.byzantine", "aggregator.multi", "method.ca_epochs",
                      "method.ca_samples"], "int"),
