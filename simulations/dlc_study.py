@@ -82,6 +82,8 @@ def simulate(overrides: list[str], run_dir: Path) -> dict:
     results = {"config": OmegaConf.to_container(cfg, resolve=True), "accuracy_matrix": matrix,
                **metrics.summarize(matrix), "num_clients": int(cfg.num_clients),
                "parameters": method.parameter_counts(server), "wall_time_s": time.monotonic() - started}
+    if (diagnostics := method.report(server, exp, g)) is not None:
+        results["diagnostics"] = diagnostics
     torch.save({"global": g, "overrides": overrides}, run_dir / "server.pt")
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
     return results

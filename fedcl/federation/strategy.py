@@ -357,6 +357,8 @@ class ContinualStrategy(Strategy):
             results["ray"] = self.cluster
         if (counts := method.parameter_counts(self.model)) is not None:
             results["parameters"] = counts
+        if (diagnostics := method.report(self.model, self.experiment, s.global_arrays)) is not None:
+            results["diagnostics"] = diagnostics
         return results
 
     # ---- checkpoint --------------------------------------------------------------------------------

@@ -130,6 +130,10 @@ class Method:
         that add parameters to a backbone; None leaves the key out."""
         return None
 
+    def report(self, model: nn.Module, exp, global_arrays: dict) -> dict | None:
+        """``results.json``'s ``diagnostics`` for the final global model (None leaves the key out)."""
+        return None
+
     def export(self, model: nn.Module, folder) -> None:
         """Write the final global adapters (LoRA methods: PEFT's format) into ``folder``; nothing here."""
 
@@ -183,15 +187,17 @@ def head_row_references(payload: dict, received: dict, first_class: int,
 
 def fit(model: nn.Module, rows: np.ndarray, ctx: ClientRound,
         extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None],
-        first_class: int = 0) -> None:
+        first_class: int = 0, memory: np.ndarray | None = None) -> None:
     """Plain local SGD on the logits of classes first_class .. seen-1 (all seen by default),
-    shuffled by the round's generator."""
-    if ctx.trainer is not None:  # a client hook's own loop (record-level DP-SGD)
-        ctx.trainer(model, rows, ctx, extra_loss, first_class)
+    shuffled by the round's generator; each batch of ``rows`` is paired with an equally sized batch
+    drawn from ``memory`` (experience replay) when one is given."""
+    if ctx.trainer is not None:  # a client hook's own loop (record-level DP-SGD): one pool of records
+        pool = rows if memory is None or not len(memory) else np.concatenate([rows, memory])
+        ctx.trainer(model, pool, ctx, extra_loss, first_class)
         return
     opt = local_optimizer([p for p in model.parameters() if p.requires_grad], ctx)
     model.train()
-    for x, y in local_batches(rows, ctx):
+    for x, y in local_batches(rows, ctx, memory):
         with autocast(ctx):
             logits = model(x)[:, first_class:ctx.seen_classes]
             loss = F.cross_entropy(logits, y - first_class)
@@ -210,13 +216,20 @@ def local_optimizer(params: list[torch.nn.Parameter], ctx: ClientRound) -> torch
     return torch.optim.SGD(params, lr=ctx.lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay)
 
 
-def local_batches(rows: np.ndarray, ctx: ClientRound):
-    """(images, labels) batches over ``local_epochs`` epochs, shuffled by the round's generator."""
+def local_batches(rows: np.ndarray, ctx: ClientRound, memory: np.ndarray | None = None):
+    """(images, labels) batches over ``local_epochs`` epochs of ``rows``, shuffled by the round's
+    generator. With a non-empty ``memory`` (row indices), every batch is followed by as many rows
+    drawn from it without replacement (as Mammoth's and Avalanche's ER pair a stream batch with a
+    buffer batch), in the same forward pass."""
     images = ctx.train_images or ctx.images
+    replay = memory is not None and len(memory) > 0
     for _ in range(ctx.local_epochs):
         order = torch.randperm(len(rows), generator=ctx.generator).numpy()
         for start in range(0, len(rows), ctx.batch_size):
             batch = rows[order[start:start + ctx.batch_size]]
+            if replay:
+                picked = torch.randperm(len(memory), generator=ctx.generator)[:len(batch)].numpy()
+                batch = np.concatenate([batch, memory[picked]])
             yield images(batch), ctx.labels(batch)
 
 

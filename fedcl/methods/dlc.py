@@ -1,38 +1,39 @@
-"""DLC in the federation (Xu et al., arXiv 2512.03537): per-task LoRA plugins and a weighting
-unit on a base trained by a federated replay or LwF method, built from the paper's description.
+"""DLC in the federation (Xu et al., arXiv 2512.03537): per-task LoRA plugins and a weighting unit
+on a base trained by a federated replay or distillation method, built from the paper's description
+as a plug-in that contains its base.
 
-Model (``fedcl.models.dlc_plugins``): the backbone and its head are the base method's model.
-Each task t owns a conv-LoRA plugin in the deep stage(s) (``method.stages``, ``method.rank``);
-plugin t maps the shallow activation of an input to task t's representation f_t; the weighting
-unit scores every f_t (one linear scorer per task), softmax over the plugins of the seen tasks,
-and DLC's own head classifies the weighted sum. Prediction uses only that path.
+Model (``fedcl.models.dlc_plugins``): the backbone and its ``head`` are the base method's model.
+Plugin t (a conv-LoRA pair per layer of the deep stage, ``method.stages``) turns an input's shallow
+activation into task t's representation f_t; the weighting unit scores every f_t, softmax over the
+seen tasks' plugins, and ``dlc_head`` classifies the weighted sum: the plugin path. DLC predicts
+from (1 - mix) log p_base + mix log p_path, with ``mix`` chosen by the server on held-out rows
+after each task; it starts at 0 (the base's prediction) and stays there while the plugin path does
+not help.
 
-Schedule. Tasks 0 .. ``freeze_base_after`` (F) are base tasks: each round a client trains the
-base by the base method (``method.base``: replay exemplars or LwF distillation, on the plain
-backbone + head) and, in the same round, plugin t, the weighting unit and the DLC head on the
-plugin path. The plugin path's loss does not reach the base, so the base follows exactly the
-base method's trajectory and DLC is a pure add-on. The whole base crosses the wire both ways in
-these rounds (FedAvg; counted in ``communication``). After task F's training rounds a
-``base_end`` round sends the final base to every client, which keeps it in its state; from task
-F+1 on the base is frozen (BatchNorm statistics included) and only plugin t, the weighting unit
-and DLC head rows go up; plugins of seen tasks, the weighting unit and the DLC head come down.
-With ``freeze_base_after: null`` (the default) or F >= num_tasks-1 the base is never frozen:
-it is the base method's model learned over the whole sequence, as in the paper.
+Each task t, in communication rounds:
 
-Loss of the plugin path: cross-entropy of the combined classification over all seen classes
-plus ``weight_loss`` x cross-entropy of the weighting unit's softmax against the sample's task
-(known from its label: each class belongs to one task). The combined cross-entropy alone can be
-satisfied by a blend of plugins, so nothing pushes non-target plugins' weights down; the
-auxiliary term does, directly, and replay exemplars are the negatives that teach old tasks'
-scorers to stay low on new data (and the new scorer to stay low on old data). In that term each
-task present in a batch weighs the same (``balance_tasks``), so a client's few exemplars of an
-old task count as much as its current-task data; ``balance_classification`` does the same for
-the classification term (off by default: it helped on one seed and hurt on another).
+1. ``train`` x ``rounds_per_task``: the base method's own rounds (``method.base``: ``replay`` or
+   ``icarl``), on the bare backbone + head; nothing of DLC trains or travels. The base is the same
+   model ``method=<base>`` trains.
+2. ``plugin`` x ``plugin_rounds``: the base is frozen (its BatchNorm statistics included: the whole
+   base runs in eval mode); plugin t and ``dlc_head`` train on task t's rows paired with memory
+   batches (ER steps), cross-entropy over all seen classes of ``dlc_head(f_t)``. ``dlc_head``
+   starts each task as a copy of the base head. Plugins are aggregated by
+   ``strategy.lora_aggregation`` (``ffa``, the default here: A stays at its shared seeded initial
+   value and only B trains, so the mean of B A is exact; ``fedit`` would shrink B A when clients
+   disagree).
+3. ``weighting`` x ``weighting_rounds``: with everything else frozen, the weighting unit learns to
+   name each row's task from the plugins' representations, computed without gradient (so its loss
+   never reaches a plugin), on the client's memory plus task t's rows, each class weighted by
+   1 / its count there (class-balanced).
+4. ``calibrate``: every client counts, on its held-out rows, correct predictions for each
+   candidate mix in ``MIXES``; the server sums the counts and keeps the best mix (ties: the
+   smallest, i.e. the base).
 
-Only plugin t trains in task t (plugins of earlier tasks are frozen); the weighting unit and the
-DLC head rows of all seen classes train when the base method keeps exemplars (replay), only the
-current task's rows without (LwF). Plugins are aggregated by ``strategy.lora_aggregation``
-(conv factors flattened to r x (in*k*k) and out x r), everything else by FedAvg.
+Held-out rows: ``holdout_fraction`` of each task's rows of a client never train the plugin path
+(the base does train on them: a base that looks better on them only makes the choice more
+conservative); a client keeps ``holdout_total // num_clients`` of them over the tasks (reservoir),
+a memory cost besides the base's exemplars, stated in docs/methods/dlc.md.
 """
 from __future__ import annotations
 
@@ -45,11 +46,14 @@ from fedcl.aggregation.rules import MEAN, AggregationRule
 from fedcl.errors import ConfigError
 from fedcl.federation.lora_aggregation import aggregate_lora, check_scheme
 from fedcl.methods.base import ClientRound, Method, autocast, local_batches, local_optimizer, weighted_mean
-from fedcl.methods.lwf import LwF
-from fedcl.methods.replay import Replay
+from fedcl.methods.icarl import ICaRL
+from fedcl.methods.replay import Replay, reservoir
 from fedcl.models.dlc_plugins import DLCNet, resolve_stages
 
-BASES = ("replay", "lwf")
+BASES = ("replay", "icarl")
+MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)  # candidate weights of the plugin path in the prediction
+COUNTS = "mix_correct"               # a calibrate reply: correct predictions per candidate mix
+TASK_MIX = "dlc_mix_by_task"         # the server's record of the mix chosen after each task
 
 
 def is_plugin(key: str) -> bool:
@@ -61,12 +65,8 @@ def plugin_task(key: str) -> int:
 
 
 def is_dlc_part(key: str) -> bool:
-    """Plugins, weighting unit, DLC head: what DLC adds to the base model."""
-    return is_plugin(key) or key.startswith(("weighting.", "dlc_head."))
-
-
-def balanced(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    return losses.mean() if weights is None else (weights * losses).sum() / weights.sum()
+    """Plugins, weighting unit, DLC head, mix: what DLC adds to the base model."""
+    return is_plugin(key) or key.startswith(("weighting.", "dlc_head.")) or key in ("mix", TASK_MIX, COUNTS)
 
 
 def is_base(key: str) -> bool:
@@ -75,27 +75,29 @@ def is_base(key: str) -> bool:
 
 
 class DLC(Method):
-    supports_dp_sgd = False  # a step trains the base and the plugin path with two separate gradients
+    supports_dp_sgd = False  # the plugin and weighting rounds train through their own loops
 
-    def __init__(self, name: str = "dlc", base: str = "replay", memory_per_class: int = 5,
+    def __init__(self, name: str = "dlc", base: str = "replay", memory_total: int = 2000,
                  kd_weight: float = 1.0, temperature: float = 2.0, stages="auto", rank: int = 2,
-                 alpha: float = 4.0, freeze_base_after: int | None = None, weight_loss: float = 1.0,
-                 balance_tasks: bool = True, balance_classification: bool = False,
-                 memory_total: int | None = None):
+                 alpha: float = 4.0, plugin_rounds: int = 1, weighting_rounds: int = 1,
+                 plugin_lr: float | None = None, holdout_fraction: float = 0.1, holdout_total: int = 500):
         super().__init__(name)
         if base not in BASES:
             raise ConfigError(f"method.base={base!r} is unknown. Choose one of {list(BASES)}.")
         self.base_name = base
-        self.base = Replay(memory_per_class=memory_per_class, memory_total=memory_total) if base == "replay" else \
-            LwF(kd_weight=kd_weight, temperature=temperature)
+        self.base = Replay(memory_total=memory_total) if base == "replay" else \
+            ICaRL(memory_total=memory_total, kd_weight=kd_weight, temperature=temperature)
         self.stages, self.rank, self.alpha = stages, int(rank), float(alpha)
-        self.freeze_base_after = None if freeze_base_after is None else int(freeze_base_after)
-        if self.freeze_base_after is not None and self.freeze_base_after < 0:
-            raise ConfigError(f"method.freeze_base_after={freeze_base_after} must be >= 0: the base "
-                              "trains from scratch during tasks 0 .. freeze_base_after.")
-        self.weight_loss, self.balance_tasks = float(weight_loss), bool(balance_tasks)
-        self.balance_classification = bool(balance_classification)
-        self.exemplars = base == "replay" and (int(memory_per_class) > 0 if memory_total is None else memory_total > 0)
+        for key, value in (("plugin_rounds", plugin_rounds), ("weighting_rounds", weighting_rounds)):
+            if int(value) < 1:
+                raise ConfigError(f"method.{key}={value} must be >= 1: DLC trains its plugins and weighting unit "
+                                  "in rounds of their own after the base's rounds of each task.")
+        if not 0 < float(holdout_fraction) < 1 or int(holdout_total) < 1:
+            raise ConfigError(f"method.holdout_fraction={holdout_fraction} must be in (0, 1) and method.holdout_total="
+                              f"{holdout_total} >= 1: DLC chooses its mix on held-out rows.")
+        self.plugin_rounds, self.weighting_rounds = int(plugin_rounds), int(weighting_rounds)
+        self.plugin_lr = None if plugin_lr is None else float(plugin_lr)
+        self.holdout_fraction, self.holdout_total = float(holdout_fraction), int(holdout_total)
 
     # ---- shape of the run ----------------------------------------------------------------
     def bind(self, num_tasks: int, task_starts: list[int], cfg) -> None:
@@ -104,207 +106,230 @@ class DLC(Method):
                               "use model=small_cnn or model=resnet18 (not model=vit).")
         self.num_tasks, self.starts = num_tasks, list(task_starts)
         self.base.bind(num_tasks, task_starts, cfg)
+        self.num_clients = int(cfg.num_clients)
         self.model_name = str(cfg.model.name)
         self.lora_aggregation = check_scheme(str(cfg.strategy.lora_aggregation))
-        never = self.freeze_base_after is None
-        self.last_base_task = num_tasks - 1 if never else min(self.freeze_base_after, num_tasks - 1)
-        self.base_session_tasks = self.last_base_task + 1
 
     def prepare_model(self, model: nn.Module) -> DLCNet:
         stages = resolve_stages(model.features, self.model_name, self.stages)
-        net = DLCNet(model.features, model.head, stages, self.num_tasks, self.rank, self.alpha)
-        net.requires_grad_(True)
-        return net
+        return DLCNet(model.features, model.head, stages, self.num_tasks, self.rank, self.alpha)
 
-    def frozen(self, task: int) -> bool:
-        return task > self.last_base_task
-
-    def head_rows(self, task: int) -> tuple[int, int]:
-        """DLC head rows that train (and travel) in task ``task``."""
-        return (0 if self.exemplars else self.starts[task]), self.starts[task + 1]
+    def init_global(self, model: nn.Module) -> dict[str, np.ndarray]:
+        return {**super().init_global(model), TASK_MIX: np.zeros(self.num_tasks, np.float32)}
 
     def task_of(self, y: torch.Tensor) -> torch.Tensor:
         bounds = torch.tensor(self.starts[1:-1], device=y.device)
         return torch.bucketize(y, bounds, right=True)
 
     # ---- client side ---------------------------------------------------------------------
+    def holdout(self, ctx: ClientRound, state: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(the current task's held-out rows, every held-out row this client keeps, current task's included)."""
+        held = state.setdefault("holdout", {"rows": np.empty(0, np.int64), "seen": 0, "tasks": 0})
+        capacity = max(1, self.holdout_total // self.num_clients)
+
+        def of_task(t: int) -> np.ndarray:
+            rows = ctx.task_rows(t)
+            rng = np.random.default_rng([ctx.seed, ctx.client, t, 4241])
+            return np.sort(rng.permutation(rows)[:int(round(self.holdout_fraction * len(rows)))])
+
+        while held["tasks"] < ctx.task:
+            t = held["tasks"]
+            held["rows"], held["seen"] = reservoir(held["rows"], held["seen"], of_task(t), capacity,
+                                                   np.random.default_rng([ctx.seed, ctx.client, t, 4242]))
+            held["tasks"] = t + 1
+        current = of_task(ctx.task)
+        return current, np.concatenate([held["rows"], current])
+
     def client_update(self, model: DLCNet, ctx: ClientRound, state: dict) -> int:
-        if ctx.phase == "base_end":  # every client keeps the final base; nothing to train
-            base = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if is_base(k)}
-            # identical on every client: the run stores it once (SharedBlobStore), states name it
-            state["base"] = ctx.shared.put(base) if ctx.shared is not None else base
-            return 0
         if getattr(ctx, "dp_sgd", None) is not None:  # never train without the DP the user asked for
-            raise ConfigError("privacy.local_dp_sgd=true does not support method=dlc: its two-path training "
-                              "step is not Opacus' DP-SGD. Use client-level DP (privacy=client_dp).")
-        frozen = self.frozen(ctx.task)
-        if frozen:
-            if "base" not in state:
-                raise RuntimeError(f"client {ctx.client} has no frozen base: it missed the base_end round "
-                                   f"of task {self.last_base_task}")
-            base = ctx.shared.get(state["base"]) if isinstance(state["base"], str) else state["base"]
-            model.load_state_dict({k: v.to(ctx.device) for k, v in base.items()}, strict=False)
-        model.frozen_norms = frozen
-        model.mode = "dlc" if frozen else "plain"   # the path an LwF teacher distils
-        model.tasks_in_use = ctx.task               # the teacher combines the old plugins only
-        self.base.begin_round(model, ctx, state)
+            raise ConfigError("privacy.local_dp_sgd=true does not support method=dlc: its plugin and weighting "
+                              "rounds are not Opacus' DP-SGD. Use client-level DP (privacy=client_dp).")
+        if ctx.phase == "train":  # the base method's own round on the bare backbone + head
+            model.mode = "plain"
+            for name, p in model.named_parameters():
+                p.requires_grad_(is_base(name))
+            return self.base.client_update(model, ctx, state)
+        model.requires_grad_(False)
+        model.eval()  # the base is frozen, BatchNorm statistics included
         model.tasks_in_use = ctx.task + 1
-        rows = self.base.training_rows(ctx, state)
+        current_holdout, holdout = self.holdout(ctx, state)
+        if ctx.phase == "calibrate":
+            return self.count_correct(model, holdout, ctx, state)
+        held = set(holdout.tolist())
+        rows = np.setdiff1d(ctx.task_rows(ctx.task), current_holdout)
+        memory = np.array([r for r in self.base.memory(ctx, state) if r not in held], np.int64)
         if not len(rows):
             return 0
-        train_ffa_a = self.lora_aggregation != "ffa"
-        for name, p in model.named_parameters():
-            if is_plugin(name):
-                p.requires_grad_(plugin_task(name) == ctx.task and (".lora_B." in name or train_ffa_a))
-            else:
-                p.requires_grad_(not frozen or not is_base(name))
-        lo, hi = self.head_rows(ctx.task)
-        kept = {k: v.detach().clone() for k, v in model.dlc_head.state_dict().items()}
-        self.local_train(model, rows, ctx, state, frozen)
-        with torch.no_grad():  # rows outside lo:hi stay exactly as received
-            for k, v in model.dlc_head.state_dict().items():
-                v[:lo] = kept[k][:lo]
-                v[hi:] = kept[k][hi:]
-        return len(rows)
+        if ctx.phase == "plugin":
+            self.train_plugin(model, rows, memory, ctx)
+        elif ctx.phase == "weighting":
+            self.train_weighting(model, np.concatenate([rows, memory]), ctx)
+        else:
+            raise ValueError(f"DLC has no phase {ctx.phase!r}")
+        return int(len(rows))
 
-    def local_train(self, model: DLCNet, rows: np.ndarray, ctx: ClientRound, state: dict, frozen: bool) -> None:
-        base_params = [p for n, p in model.named_parameters() if p.requires_grad and is_base(n)]
-        dlc_params = [p for n, p in model.named_parameters() if p.requires_grad and is_dlc_part(n)]
-        opt = local_optimizer(base_params + dlc_params, ctx)
-        lo, hi = self.head_rows(ctx.task)
-        mask = torch.zeros(model.dlc_head.out_features, 1, device=ctx.device)
-        mask[lo:hi] = 1
-        hooks = [model.dlc_head.weight.register_hook(lambda g: g * mask),
-                 model.dlc_head.bias.register_hook(lambda g: g * mask[:, 0])]
-        seen = ctx.seen_classes
-        model.train()
-        for x, y in local_batches(rows, ctx):
-            opt.zero_grad(set_to_none=True)
-            h = None
-            if base_params:  # the base method's own step, on the plain path
-                model.mode = "plain"
-                with autocast(ctx):
-                    h = model.shallow(x)  # computed once: the plugin path starts from it, detached
-                    logits = model(x, h)[:, :seen]
-                    loss = F.cross_entropy(logits, y)
-                    extra = self.base.extra_loss(model, x, logits, ctx, state)
-                (loss if extra is None else loss + extra).backward()
-                h = h.detach()
-            model.mode = "dlc"
+    def train_plugin(self, model: DLCNet, rows: np.ndarray, memory: np.ndarray, ctx: ClientRound) -> None:
+        """Plugin t and the DLC head on ER batches, against the frozen base."""
+        plugin = [p for layer in model.layers() for p in (
+            *layer.lora_B[ctx.task].parameters(),
+            *(layer.lora_A[ctx.task].parameters() if self.lora_aggregation != "ffa" else ()))]
+        params = [*plugin, *model.dlc_head.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        opt = local_optimizer(params, ctx)
+        if self.plugin_lr is not None:
+            for group in opt.param_groups:
+                group["lr"] = self.plugin_lr
+        for x, y in local_batches(rows, ctx, memory):
             with autocast(ctx):
-                loss = self.plugin_loss(model, x, y, ctx, state, frozen, h)
-            if base_params:  # the plugin path's gradient stops at the base
-                grads = torch.autograd.grad(loss, dlc_params, allow_unused=True)
-                for p, g in zip(dlc_params, grads):
-                    if g is not None:
-                        p.grad = g if p.grad is None else p.grad + g
-            else:
-                loss.backward()
+                with torch.no_grad():
+                    h = model.shallow(x)
+                logits = model.dlc_head(model.deep(h, ctx.task))[:, :ctx.seen_classes]
+                loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
             opt.step()
-        for h in hooks:
-            h.remove()
-        model.mode = "dlc"
 
-    def plugin_loss(self, model: DLCNet, x, y, ctx: ClientRound, state: dict, frozen: bool,
-                    h: torch.Tensor | None = None) -> torch.Tensor:
-        logits = model(x, h)[:, :ctx.seen_classes]
-        task = self.task_of(y)
-        # every task present in the batch weighs the same (a few exemplars vs the current task)
-        w = 1.0 / torch.bincount(task, minlength=ctx.task + 1)[task].float()
-        loss = balanced(F.cross_entropy(logits, y, reduction="none"), w if self.balance_classification else None)
-        if frozen:  # LwF after the freeze: distil the old DLC path's old-class logits
-            extra = self.base.extra_loss(model, x, logits, ctx, state)
-            if extra is not None:
-                loss = loss + extra
-        if self.weight_loss > 0 and ctx.task > 0:
-            nll = F.nll_loss(torch.log(model.last_weights.clamp_min(1e-12)), task, reduction="none")
-            loss = loss + self.weight_loss * balanced(nll, w if self.balance_tasks else None)
-        return loss
+    def train_weighting(self, model: DLCNet, rows: np.ndarray, ctx: ClientRound) -> None:
+        """The weighting unit names each row's task from detached plugin representations, class-balanced."""
+        params = list(model.weighting.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        opt = local_optimizer(params, ctx)
+        labels = ctx.labels(rows).cpu().numpy()
+        counts = np.bincount(labels, minlength=ctx.seen_classes).astype(np.float32)
+        class_weight = torch.from_numpy(1.0 / np.maximum(counts, 1)).to(ctx.device)
+        for x, y in local_batches(rows, ctx):
+            with torch.no_grad(), autocast(ctx):
+                reps = model.representations(x)
+            scores = model.weighting(reps.float())
+            w = class_weight[y]
+            loss = (w * F.cross_entropy(scores, self.task_of(y), reduction="none")).sum() / w.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    @torch.no_grad()
+    def count_correct(self, model: DLCNet, rows: np.ndarray, ctx: ClientRound, state: dict) -> int:
+        """Correct predictions on the held-out rows for every candidate mix (kept for ``payload``)."""
+        correct = np.zeros(len(MIXES), np.float32)
+        seen = ctx.seen_classes
+        for start in range(0, len(rows), 256):
+            batch = rows[start:start + 256]
+            x, y = ctx.images(batch), ctx.labels(batch)
+            h = model.shallow(x)
+            base = torch.log_softmax(model.head(model.deep(h, None))[:, :seen], 1)
+            path = torch.log_softmax(model.plugin_path(model.representations(x, h=h))[:, :seen], 1)
+            for i, lam in enumerate(MIXES):
+                correct[i] += float((((1 - lam) * base + lam * path).argmax(1) == y).sum())
+        model.mix_counts = correct  # what this round's reply carries
+        return int(len(rows))
 
     # ---- wire --------------------------------------------------------------------------
     def payload(self, model: DLCNet, ctx: ClientRound | None = None) -> dict[str, torch.Tensor]:
-        if ctx.phase == "base_end":
-            return {}
         state = model.state_dict()
-        # 0-d arrays (BatchNorm's num_batches_tracked, unused with a momentum) come back as (1,) from
-        # np.ascontiguousarray in the codec and the server rejects the reply's shape: they stay home
-        out = {k: v for k, v in state.items()
-               if v.dim() and ((is_plugin(k) and plugin_task(k) == ctx.task) or k.startswith("weighting.")
-                               or (is_base(k) and not self.frozen(ctx.task)))}
-        lo, hi = self.head_rows(ctx.task)
-        out["dlc_head_rows.weight"] = model.dlc_head.weight.detach()[lo:hi]
-        out["dlc_head_rows.bias"] = model.dlc_head.bias.detach()[lo:hi]
-        return out
+        if ctx.phase == "train":
+            # 0-d arrays (BatchNorm's num_batches_tracked, unused with a momentum) stay home
+            return {k: v for k, v in state.items() if is_base(k) and v.dim()}
+        if ctx.phase == "plugin":
+            return {k: v for k, v in state.items() if k.startswith("dlc_head.") or (
+                is_plugin(k) and plugin_task(k) == ctx.task and (".lora_B." in k or self.lora_aggregation != "ffa"))}
+        if ctx.phase == "weighting":
+            return {k: v for k, v in state.items() if k.startswith("weighting.")}
+        return {COUNTS: torch.from_numpy(model.mix_counts)}
 
     # ---- server side ---------------------------------------------------------------------
     def phases(self, task: int, rounds: int) -> list[str]:
-        freeze_now = task == self.last_base_task and task < self.num_tasks - 1
-        return ["train"] * rounds + (["base_end"] if freeze_now else [])
-
-    def samples_everyone(self, task: int, phase: str) -> bool:
-        return phase == "base_end"
+        return ["train"] * rounds + ["plugin"] * self.plugin_rounds + ["weighting"] * self.weighting_rounds + \
+            ["calibrate"]
 
     def downlink(self, global_arrays, task, phase, client):
+        if phase == "train":
+            return {k: v for k, v in global_arrays.items() if is_base(k)}
         return {k: v for k, v in global_arrays.items()
-                if not (is_plugin(k) and plugin_task(k) > task)          # not yet trained: clients' init
-                and not (is_base(k) and self.frozen(task))}               # frozen: clients keep it
+                if k != TASK_MIX and not (is_plugin(k) and plugin_task(k) > task)}  # later plugins: clients' init
 
     def aggregate(self, global_arrays, replies, task, phase, rule: AggregationRule = MEAN):
         g = dict(global_arrays)
-        if phase != "train":
+        if phase == "train":
+            g.update(weighted_mean(replies, rule))
+            g["dlc_head.weight"], g["dlc_head.bias"] = g["head.weight"], g["head.bias"]  # the path's head starts here
+            return g
+        if phase == "calibrate":  # counts add up over clients; ties go to the smaller mix (the base)
+            correct = np.sum([r[COUNTS] for r, _ in replies], axis=0)
+            lam = float(MIXES[int(np.argmax(correct))])
+            g["mix"] = np.array([lam], np.float32)
+            by_task = np.array(g[TASK_MIX], np.float32)
+            by_task[task] = lam
+            g[TASK_MIX] = by_task
             return g
         weights = [n for _, n in replies]
         keys = list(replies[0][0])
         for layer in sorted({k.split(".lora_")[0] for k in keys if is_plugin(k)}):
             a_key, b_key = f"{layer}.lora_A.{task}.weight", f"{layer}.lora_B.{task}.weight"
             a_shape, b_shape = g[a_key].shape, g[b_key].shape
-            a, b = aggregate_lora([(r[a_key].reshape(a_shape[0], -1), r[b_key].reshape(b_shape[0], -1))
-                                   for r, _ in replies], weights, self.lora_aggregation, rule)
+            a_sent = a_key in keys  # under ffa A stays at its shared value and is not sent
+            a, b = aggregate_lora([((r[a_key] if a_sent else g[a_key]).reshape(a_shape[0], -1),
+                                    r[b_key].reshape(b_shape[0], -1)) for r, _ in replies],
+                                  weights, self.lora_aggregation, rule)
             g[a_key], g[b_key] = a.reshape(a_shape), b.reshape(b_shape)
-        rest = [k for k in keys if not is_plugin(k) and not k.startswith("dlc_head_rows.")]
+        rest = [k for k in keys if not is_plugin(k)]
         g.update(weighted_mean([({k: r[k] for k in rest}, n) for r, n in replies], rule))
-        rows = weighted_mean([({k: r[k] for k in ("dlc_head_rows.weight", "dlc_head_rows.bias")}, n)
-                              for r, n in replies], rule)
-        lo, hi = self.head_rows(task)
-        for part in ("weight", "bias"):
-            g[f"dlc_head.{part}"] = g[f"dlc_head.{part}"].copy()
-            g[f"dlc_head.{part}"][lo:hi] = rows[f"dlc_head_rows.{part}"]
         return g
 
     @torch.no_grad()
     def predict(self, model: DLCNet, x: torch.Tensor, seen_classes: int, batch_size: int = 512) -> torch.Tensor:
         model.eval()
-        model.mode, model.tasks_in_use = "dlc", self.starts.index(seen_classes)
-        preds = [model(x[i:i + batch_size])[:, :seen_classes].argmax(1) for i in range(0, len(x), batch_size)]
+        model.tasks_in_use = self.starts.index(seen_classes)
+        preds = [model.mixed_log_probs(x[i:i + batch_size], seen_classes).argmax(1)
+                 for i in range(0, len(x), batch_size)]
         return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
     @torch.no_grad()
-    def plugin_weights(self, model: DLCNet, x: torch.Tensor, seen_tasks: int) -> torch.Tensor:
-        """The weighting unit's (N, seen_tasks) weights: for diagnostics and tests."""
-        model.eval()
-        model.mode, model.tasks_in_use = "dlc", seen_tasks
-        model(x)
-        return model.last_weights
-
-    @torch.no_grad()
     def diagnostics(self, model: DLCNet, x: torch.Tensor, y: torch.Tensor, seen_tasks: int) -> dict:
-        """Where accuracy comes from, on labelled inputs of the first ``seen_tasks`` tasks:
-        ``dlc`` (the prediction), ``base`` (the base method's own backbone + head), ``task_id``
-        (the weighting unit's largest weight is on the sample's task), ``target_weight`` (mean
-        weight of that plugin) and ``oracle_plugin`` (DLC's head on the sample's own plugin alone)."""
+        """Where accuracy comes from, on labelled inputs of the first ``seen_tasks`` tasks: ``dlc``
+        (the prediction), ``base`` (backbone + head alone), ``plugin_path`` (mix 1), ``plugins_off``
+        (the plugin path's head on the base feature), ``oracle_plugin`` (its head on the sample's own
+        plugin), ``task_id`` (the weighting unit's largest weight is on the sample's task)."""
+        model.eval()
         seen = self.starts[seen_tasks]
+        model.tasks_in_use = seen_tasks
         task = self.task_of(y)
-        pred = self.predict(model, x, seen)
-        weights = self.plugin_weights(model, x, seen_tasks)
-        model.mode = "plain"
-        base = model(x)[:, :seen].argmax(1)
-        model.mode = "dlc"
-        reps = model.representations(x, seen_tasks)
-        oracle = model.dlc_head(reps[task, torch.arange(len(x))])[:, :seen].argmax(1)
-        rate = lambda hit: float(hit.float().mean())
-        return {"dlc": rate(pred == y), "base": rate(base == y), "task_id": rate(weights.argmax(1) == task),
-                "target_weight": float(weights[torch.arange(len(x)), task].mean()),
-                "oracle_plugin": rate(oracle == y)}
+        h = model.shallow(x)
+        plain = model.deep(h, None)
+        reps = model.representations(x, h=h)
+        path = model.plugin_path(reps)[:, :seen]
+        weights = model.last_weights
+        rate = lambda logits: float((logits.argmax(1) == y).float().mean())
+        return {"dlc": float((self.predict(model, x, seen) == y).float().mean()),
+                "base": rate(model.head(plain)[:, :seen]), "plugin_path": rate(path),
+                "plugins_off": rate(model.dlc_head(plain)[:, :seen]),
+                "oracle_plugin": rate(model.dlc_head(reps[task, torch.arange(len(x))])[:, :seen]),
+                "task_id": float((weights.argmax(1) == task).float().mean()),
+                "target_weight": float(weights[torch.arange(len(x)), task].mean())}
+
+    def report(self, model: DLCNet, exp, global_arrays: dict) -> dict:
+        """results.json's ``diagnostics``: ``diagnostics`` on every test sample after the last task, the
+        mix chosen after each task, and each plugin's relative size ||B A|| / ||W|| per task."""
+        tasks = self.num_tasks
+        rows = np.concatenate(exp.scenario.test_indices[:tasks])
+        rows = rows[np.random.default_rng([int(exp.cfg.seed), 3, tasks]).permutation(len(rows))]
+        device = next(model.parameters()).device
+        out = {k: [] for k in ("dlc", "base", "plugin_path", "plugins_off", "oracle_plugin", "task_id",
+                               "target_weight")}
+        for i in range(0, len(rows), 512):  # averaged over chunks weighted by their size
+            part = rows[i:i + 512]
+            d = self.diagnostics(model, exp.test_images(part, device),
+                                 torch.from_numpy(exp.scenario.y_test[part]).to(device), tasks)
+            for k, v in d.items():
+                out[k].append(v * len(part))
+        result = {k: sum(v) / len(rows) for k, v in out.items()}
+        result["mix_by_task"] = [float(v) for v in global_arrays.get(TASK_MIX, [])]
+        result["plugin_relative_norm"] = [
+            float(np.sqrt(sum(float(layer.delta_weight(t).norm() ** 2) for layer in model.layers())) /
+                  np.sqrt(sum(float(layer.base.weight.norm() ** 2) for layer in model.layers())))
+            for t in range(tasks)]
+        return result
 
     def parameter_counts(self, model: DLCNet) -> dict:
         named = dict(model.named_parameters())

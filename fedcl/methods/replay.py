@@ -1,51 +1,78 @@
-"""Experience replay with FedAvg: each client keeps exemplars of the classes it has seen.
+"""Experience replay (ER) with FedAvg, as Mammoth and Avalanche run ER, per client.
 
-Two budgets: ``memory_per_class`` exemplars per seen class per client, or (PyCIL's fixed total,
-``fixed_memory=false``) ``memory_total`` exemplars over the whole federation: each client keeps
-``memory_total // num_clients``, shared evenly by the classes seen so far, so the memory per class
-shrinks as classes arrive and the total never exceeds the budget. Exemplars are picked at random
-(seeded per client and task) from the client's own data of each task, so a client never holds more
-than it saw; with non-IID data a client may hold fewer of a class. The memory stores row indices,
-not images: the data set arrays already live in the worker.
+Memory: a fixed budget over the federation, ``memory_total`` exemplars (PyCIL's 2,000 by default):
+each client keeps ``memory_total // num_clients`` rows of its own earlier tasks, chosen by reservoir
+sampling over the stream of rows it has seen (each row of that stream is in the memory with the same
+probability, so the memory stays balanced over tasks and classes as far as the client's own data is;
+seeded per client and task). The memory stores row indices, not images: the data set arrays already
+live in the worker.
+
+Training: every local step pairs a batch of the current task's rows with an equally sized batch
+drawn from the memory, one cross-entropy over all classes seen so far on both (``base.fit``).
+A task's rows join the memory when the client first trains after that task.
 """
-import numpy as np
+from __future__ import annotations
 
-from fedcl.methods.base import ClientRound, Method
+import numpy as np
+import torch
+from torch import nn
+
+from fedcl.methods.base import ClientRound, Method, fit
+
+
+def reservoir(held: np.ndarray, seen: int, stream: np.ndarray, capacity: int,
+              rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Reservoir sampling (Vitter's algorithm R): ``held`` is a uniform sample of the ``seen`` items
+    so far; returns the sample after ``stream`` and the new count."""
+    held = held.copy()
+    for item in stream:
+        if len(held) < capacity:
+            held = np.append(held, item)
+        else:
+            j = int(rng.integers(0, seen + 1))
+            if j < capacity:
+                held[j] = item
+        seen += 1
+    return held.astype(np.int64), seen
 
 
 class Replay(Method):
-    def __init__(self, name: str = "replay", memory_per_class: int = 20, memory_total: int | None = None):
+    def __init__(self, name: str = "replay", memory_total: int = 2000):
         super().__init__(name)
-        if memory_per_class < 0 or (memory_total is not None and memory_total < 0):
-            raise ValueError(f"method.memory_per_class={memory_per_class} and method.memory_total={memory_total} "
-                             "must be >= 0")
-        self.memory_per_class = int(memory_per_class)
-        self.memory_total = None if memory_total is None else int(memory_total)
+        if memory_total < 0:
+            raise ValueError(f"method.memory_total={memory_total} must be >= 0 (exemplars over the federation)")
+        self.memory_total = int(memory_total)
         self.num_clients = 1
 
     def bind(self, num_tasks: int, task_starts: list[int], cfg) -> None:
         self.num_clients = int(cfg.num_clients)
 
-    def per_class(self, ctx: ClientRound) -> int:
-        """Exemplars kept per old class this round."""
-        if self.memory_total is None:
-            return self.memory_per_class
-        return self.memory_total // self.num_clients // max(1, ctx.first_class)
+    def capacity(self) -> int:
+        """Exemplars one client keeps."""
+        return self.memory_total // self.num_clients
+
+    def memory(self, ctx: ClientRound, state: dict) -> np.ndarray:
+        """This client's exemplar rows of tasks before ``ctx.task`` (filled on first use after a task)."""
+        mem = state.setdefault("memory", {"rows": np.empty(0, np.int64), "seen": 0, "tasks": 0})
+        while mem["tasks"] < ctx.task:
+            t = mem["tasks"]
+            rng = np.random.default_rng([ctx.seed, ctx.client, t, 7919])
+            mem["rows"], mem["seen"] = reservoir(mem["rows"], mem["seen"], rng.permutation(ctx.task_rows(t)),
+                                                 self.capacity(), rng)
+            mem["tasks"] = t + 1
+        return mem["rows"]
 
     def training_rows(self, ctx: ClientRound, state: dict) -> np.ndarray:
-        memory: dict = state.setdefault("memory", {})
-        for t in range(ctx.task):
-            if t not in memory:  # client first trains after task t: draw its exemplar order for t now
-                memory[t] = self.exemplar_order(ctx, t)
-        keep = self.per_class(ctx)
-        old = [np.sort(np.concatenate([rows[:keep] for rows in memory[t].values()] or [np.empty(0, np.int64)]))
-               for t in range(ctx.task)]
-        return np.concatenate([ctx.task_rows(ctx.task), *old]).astype(np.int64)
+        """Every row a round trains on: the current task's and the memory's."""
+        return np.concatenate([ctx.task_rows(ctx.task), self.memory(ctx, state)]).astype(np.int64)
 
-    def exemplar_order(self, ctx: ClientRound, task: int) -> dict[int, np.ndarray]:
-        """Per class of the task: the client's rows in a seeded random order (exemplars are a prefix)."""
-        rows = ctx.task_rows(task)
-        labels = ctx.labels(rows).cpu().numpy() if len(rows) else np.empty(0, np.int64)
-        rng = np.random.default_rng([ctx.seed, ctx.client, task, 7919])
-        cap = None if self.memory_total is not None else self.memory_per_class
-        return {int(c): rng.permutation(rows[labels == c])[:cap] for c in np.unique(labels)}
+    def client_update(self, model: nn.Module, ctx: ClientRound, state: dict) -> int:
+        self.begin_round(model, ctx, state)
+        rows, memory = ctx.task_rows(ctx.task), self.memory(ctx, state)
+        if len(rows):
+            fit(model, rows, ctx, lambda x, logits: self.extra_loss(model, x, logits, ctx, state), memory=memory)
+        return int(len(rows))
+
+    def extra_loss(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor,
+                   ctx: ClientRound, state: dict) -> torch.Tensor | None:
+        return None

@@ -1,4 +1,5 @@
-"""DLC's model: per-task conv-LoRA plugins in a backbone's deep stage and a weighting unit.
+"""DLC's model: per-task conv-LoRA plugins in a backbone's deep stage, a weighting unit, a head for
+the plugin path, and a mixing weight that makes the whole a superset of its base.
 
 ``PluginLayer`` wraps one conv (or linear) layer of the deep stage with one LoRA pair per task,
 built by ``fedcl.models.lora.lora_factors`` (PEFT's layout with the task index as the adapter
@@ -8,9 +9,10 @@ name: ``<layer>.lora_A.<t>.weight``). ``active`` picks the plugin the next forwa
 ``DLCNet`` splits the backbone's top-level children into a shallow part, run once per input, and
 a deep part (from the first plugin stage on), run once per plugin: plugin t turns the shallow
 activation into task t's representation f_t. The weighting unit scores each f_t with its own
-linear scorer (s_t = w_t . f_t + b_t), takes a softmax over the plugins in use, and a head of
-its own (``dlc_head``) classifies sum_t alpha_t f_t. ``mode="plain"`` runs the bare backbone and
-its original ``head``: the base method's model, trained by replay or LwF while the base trains.
+linear scorer, takes a softmax over the plugins in use, and ``dlc_head`` classifies
+sum_t alpha_t f_t (the plugin path). The base is the bare backbone and its own ``head``.
+The prediction mixes the two: (1 - mix) log p_base + mix log p_plugin_path, with ``mix`` (a buffer,
+0 at the start) chosen by the server on held-out rows: at 0 the model predicts what its base does.
 """
 from __future__ import annotations
 
@@ -86,7 +88,7 @@ def resolve_stages(features: nn.Module, model_name: str, stages) -> list[str]:
 
 
 class DLCNet(nn.Module):
-    """Backbone (``features``) + per-task plugins + weighting unit + one head over all classes."""
+    """Backbone (``features``) + base ``head`` + per-task plugins + weighting unit + ``dlc_head``."""
 
     def __init__(self, features: nn.Module, head: nn.Linear, stages: list[str], num_tasks: int,
                  r: int, alpha: float):
@@ -108,11 +110,12 @@ class DLCNet(nn.Module):
             raise ConfigError(f"method.stages={stages} hold no Conv2d/Linear layer to put plugins in.")
         self.weighting = WeightingUnit(num_tasks, head.in_features)
         self.dlc_head = nn.Linear(head.in_features, head.out_features)
+        self.dlc_head.load_state_dict(head.state_dict())  # the plugin path starts as the base's classifier
+        self.register_buffer("mix", torch.zeros(1))       # weight of the plugin path in the prediction
         self.num_tasks = num_tasks
         self.tasks_in_use = 1            # plugins 0 .. tasks_in_use-1 are combined
-        self.mode = "dlc"                # "dlc" | "plain" (bare backbone + head)
-        self.frozen_norms = False        # keep the base's normalisation statistics fixed in train()
-        self.last_weights: torch.Tensor | None = None   # (N, T) weights of the last dlc forward
+        self.mode = "plain"              # "plain": the base (backbone + head) | "dlc": the plugin path
+        self.last_weights: torch.Tensor | None = None   # (N, T) weights of the last plugin-path forward
 
     # ---- plugins ------------------------------------------------------------------------
     def layers(self) -> list[PluginLayer]:
@@ -121,6 +124,10 @@ class DLCNet(nn.Module):
     def use_plugin(self, task: int | None) -> None:
         for layer in self.layers():
             layer.active = task
+
+    def plugin_parameters(self, task: int) -> list[nn.Parameter]:
+        return [p for layer in self.layers() for p in (*layer.lora_A[task].parameters(),
+                                                       *layer.lora_B[task].parameters())]
 
     # ---- forward ------------------------------------------------------------------------
     def _run(self, x: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
@@ -132,46 +139,38 @@ class DLCNet(nn.Module):
         return self._run(x, 0, self.deep_from)
 
     def deep(self, h: torch.Tensor, task: int | None) -> torch.Tensor:
-        """The deep part from shallow activation ``h``, with plugin ``task`` (None: the bare base).
-
-        A plugin's forward runs the deep part's BatchNorm layers in eval mode: its activations must not
-        move the base's running statistics (the base then follows its own method exactly), and the
-        plugin trains against the statistics it meets at inference."""
+        """The deep part from shallow activation ``h``, with plugin ``task`` (None: the bare base)."""
         self.use_plugin(task)
-        norms = [m for m in self._deep_norms() if m.training] if task is not None else []
-        for m in norms:
-            m.eval()
         try:
-            out = self._run(h, self.deep_from, None)
+            return self._run(h, self.deep_from, None).flatten(1)
         finally:
             self.use_plugin(None)
-            for m in norms:
-                m.train()
-        return out.flatten(1)
-
-    def _deep_norms(self) -> list[nn.Module]:
-        return [m for part in list(self.features.children())[self.deep_from:] for m in part.modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def representations(self, x: torch.Tensor, tasks: int | None = None, h: torch.Tensor | None = None) -> torch.Tensor:
         """(T, N, D): plugin t's representation of every input, t < tasks (from ``h`` if given)."""
         h = self.shallow(x) if h is None else h
         return torch.stack([self.deep(h, t) for t in range(self.tasks_in_use if tasks is None else tasks)])
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of the current ``mode``; ``h``: the inputs' shallow activation, already computed."""
-        if self.mode == "plain":
-            self.use_plugin(None)
-            return self.head(self.features(x) if h is None else self.deep(h, None))
-        reps = self.representations(x, h=h)
+    def plugin_path(self, reps: torch.Tensor) -> torch.Tensor:
+        """Logits of the plugin path from the plugins' representations (T, N, D)."""
         weights = torch.softmax(self.weighting(reps), dim=1)        # (N, T)
         self.last_weights = weights
         return self.dlc_head(torch.einsum("nt,tnd->nd", weights, reps))
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode and self.frozen_norms:  # a frozen base keeps its BatchNorm running statistics
-            for m in self.features.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the current ``mode``: the base's, or the plugin path's."""
+        if self.mode == "plain":
+            self.use_plugin(None)
+            return self.head(self.features(x))
+        return self.plugin_path(self.representations(x))
+
+    def mixed_log_probs(self, x: torch.Tensor, seen: int) -> torch.Tensor:
+        """What DLC predicts from: (1 - mix) log p_base + mix log p_plugin_path over the seen classes;
+        exactly the base's log-probabilities while ``mix`` is 0 (the plugin path is not even run)."""
+        h = self.shallow(x)
+        base = torch.log_softmax(self.head(self.deep(h, None))[:, :seen], 1)
+        lam = float(self.mix)
+        if lam == 0.0:
+            return base
+        path = torch.log_softmax(self.plugin_path(self.representations(x, h=h))[:, :seen], 1)
+        return (1 - lam) * base + lam * path
