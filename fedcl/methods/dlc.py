@@ -80,7 +80,8 @@ class DLC(Method):
     def __init__(self, name: str = "dlc", base: str = "replay", memory_total: int = 2000,
                  kd_weight: float = 1.0, temperature: float = 2.0, stages="auto", rank: int = 2,
                  alpha: float = 4.0, plugin_rounds: int = 1, weighting_rounds: int = 1,
-                 plugin_lr: float | None = None, holdout_fraction: float = 0.1, holdout_total: int = 500):
+                 plugin_lr: float | None = None, head_lr: float = 0.005, holdout_fraction: float = 0.1,
+                 holdout_total: int = 500):
         super().__init__(name)
         if base not in BASES:
             raise ConfigError(f"method.base={base!r} is unknown. Choose one of {list(BASES)}.")
@@ -97,6 +98,7 @@ class DLC(Method):
                               f"{holdout_total} >= 1: DLC chooses its mix on held-out rows.")
         self.plugin_rounds, self.weighting_rounds = int(plugin_rounds), int(weighting_rounds)
         self.plugin_lr = None if plugin_lr is None else float(plugin_lr)
+        self.head_lr = float(head_lr)
         self.holdout_fraction, self.holdout_total = float(holdout_fraction), int(holdout_total)
 
     # ---- shape of the run ----------------------------------------------------------------
@@ -161,31 +163,35 @@ class DLC(Method):
         if not len(rows):
             return 0
         if ctx.phase == "plugin":
-            self.train_plugin(model, rows, memory, ctx)
+            self.train_plugin(model, np.concatenate([rows, memory]), ctx)
         elif ctx.phase == "weighting":
             self.train_weighting(model, np.concatenate([rows, memory]), ctx)
         else:
             raise ValueError(f"DLC has no phase {ctx.phase!r}")
         return int(len(rows))
 
-    def train_plugin(self, model: DLCNet, rows: np.ndarray, memory: np.ndarray, ctx: ClientRound) -> None:
-        """Plugin t and the DLC head on ER batches, against the frozen base."""
+    def train_plugin(self, model: DLCNet, rows: np.ndarray, ctx: ClientRound) -> None:
+        """Plugin t and the plugin path's head against the frozen base, on the task's rows and the
+        memory, each class weighted by 1 / its count there (class-balanced: the base's ER steps see
+        the current task's classes far more often than the old ones)."""
         plugin = [p for layer in model.layers() for p in (
             *layer.lora_B[ctx.task].parameters(),
             *(layer.lora_A[ctx.task].parameters() if self.lora_aggregation != "ffa" else ()))]
-        params = [*plugin, *model.dlc_head.parameters()]
-        for p in params:
+        head = list(model.dlc_head.parameters())
+        for p in [*plugin, *head]:
             p.requires_grad_(True)
-        opt = local_optimizer(params, ctx)
+        opt = local_optimizer(plugin, ctx)
+        opt.add_param_group({"params": head, "lr": self.head_lr})
         if self.plugin_lr is not None:
-            for group in opt.param_groups:
-                group["lr"] = self.plugin_lr
-        for x, y in local_batches(rows, ctx, memory):
+            opt.param_groups[0]["lr"] = self.plugin_lr
+        class_weight = balanced_weights(rows, ctx)
+        for x, y in local_batches(rows, ctx):
             with autocast(ctx):
                 with torch.no_grad():
                     h = model.shallow(x)
                 logits = model.dlc_head(model.deep(h, ctx.task))[:, :ctx.seen_classes]
-                loss = F.cross_entropy(logits, y)
+                w = class_weight[y]
+                loss = (w * F.cross_entropy(logits, y, reduction="none")).sum() / w.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -196,9 +202,7 @@ class DLC(Method):
         for p in params:
             p.requires_grad_(True)
         opt = local_optimizer(params, ctx)
-        labels = ctx.labels(rows).cpu().numpy()
-        counts = np.bincount(labels, minlength=ctx.seen_classes).astype(np.float32)
-        class_weight = torch.from_numpy(1.0 / np.maximum(counts, 1)).to(ctx.device)
+        class_weight = balanced_weights(rows, ctx)
         for x, y in local_batches(rows, ctx):
             with torch.no_grad(), autocast(ctx):
                 reps = model.representations(x)
@@ -308,6 +312,7 @@ class DLC(Method):
                 "task_id": float((weights.argmax(1) == task).float().mean()),
                 "target_weight": float(weights[torch.arange(len(x)), task].mean())}
 
+    @torch.no_grad()
     def report(self, model: DLCNet, exp, global_arrays: dict) -> dict:
         """results.json's ``diagnostics``: ``diagnostics`` on every test sample after the last task, the
         mix chosen after each task, and each plugin's relative size ||B A|| / ||W|| per task."""
@@ -342,3 +347,9 @@ class DLC(Method):
                 "plugins": plugins, "weighting_unit": weighting, "head_rows": head,
                 "plugins_and_weighting_fraction": (plugins + weighting) / backbone,
                 "plugin_layers": list(model.plugin_layers)}
+
+
+def balanced_weights(rows: np.ndarray, ctx: ClientRound) -> torch.Tensor:
+    """Per class, 1 / its count among ``rows``: every class weighs the same in a loss over them."""
+    counts = np.bincount(ctx.labels(rows).cpu().numpy(), minlength=ctx.seen_classes).astype(np.float32)
+    return torch.from_numpy(1.0 / np.maximum(counts, 1)).to(ctx.device)
