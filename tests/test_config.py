@@ -58,7 +58,7 @@ def test_every_number_and_boolean_in_conf_has_its_type_in_the_schema():
     (["faults.crash=some"], "faults.crash", "a number"),
     (["progress=maybe"], "progress", "true or false"),
     (["dataset.image_size=big"], "dataset.image_size", "an integer or null"),
-    (["method=replay", "method.memory_per_class=five"], "method.memory_per_class", "an integer"),
+    (["method=replay", "method.memory_total=five"], "method.memory_total", "an integer"),
     (["privacy=client_dp", "privacy.clip_norm=high"], "privacy.clip_norm", "a number"),
 ])
 def test_a_value_of_the_wrong_type_names_the_override_the_value_and_the_type(make_cfg, overrides, key, allowed):

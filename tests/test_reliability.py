@@ -126,7 +126,7 @@ def test_client_store_rolls_back_a_round_that_did_not_complete(tmp_path):
     assert store.load(8, before_round=6) == {}
 
 
-FAULTY = ("dataset=digits", "method=replay", "method.memory_per_class=20", "num_clients=10",
+FAULTY = ("dataset=digits", "method=replay", "method.memory_total=400", "num_clients=10",
           "num_tasks=5", "rounds_per_task=5", "local_epochs=2", "ray.num_cpus=2", "progress=false")
 
 
@@ -162,7 +162,7 @@ def fedcl(*args, **kw):
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 
-RESUMABLE = ("dataset=digits", "method=replay", "method.memory_per_class=10", "num_clients=3",
+RESUMABLE = ("dataset=digits", "method=replay", "method.memory_total=60", "num_clients=3",
              "num_tasks=2", "rounds_per_task=4", "local_epochs=2", "fraction_train=0.67",
              "faults.crash=0.34", "ray.num_cpus=2", "progress=false")
 

@@ -12,7 +12,7 @@ TINY = ("num_clients=3", "num_tasks=2", "rounds_per_task=2", "local_epochs=1",
 
 
 def test_replay_simulation_end_to_end(tmp_path, make_cfg):
-    cfg = make_cfg(*TINY, "method=replay", "method.memory_per_class=20", "num_tasks=5",
+    cfg = make_cfg(*TINY, "method=replay", "method.memory_total=200", "num_tasks=5",
                    "rounds_per_task=3", "local_epochs=2")
     results = run_experiment(cfg, str(tmp_path))
     m = results["accuracy_matrix"]
