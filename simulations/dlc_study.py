@@ -1,39 +1,47 @@
-"""DLC against its own base: run `fedcl method=dlc` variants and split each final accuracy into
-where it comes from (``DLC.diagnostics`` on the run's final global model, all test samples).
+"""DLC against its base and against its base given the same number of rounds (round-matched), with
+the diagnostics that say where DLC's accuracy comes from.
 
-The base is the base method's own backbone + head inside the same run (the plugin path never trains
-it), so one DLC run gives both numbers. ``plugins_off`` is DLC's head on the base feature alone
-(every plugin's scale set to 0 at evaluation): what the head is worth without the plugins.
+For each setting and seed: DLC on a replay base and on an iCaRL base, and each base alone with
+``rounds_per_task`` raised by DLC's extra rounds per task (plugin + weighting + calibrate), so that a
+gain is not just more training. DLC's own run also reports its base at the same rounds (the base is
+untouched by DLC: ``base`` in the diagnostics), the plugin path alone, the plugin path's head on
+the base feature (``plugins_off``) and on each sample's own plugin (``oracle_plugin``), the weighting
+unit's task identification, the mix chosen after each task and each plugin's ||B A|| / ||W||.
 
-    python simulations/dlc_study.py --out runs/dlc_study                          # every variant, 32 px
-    python simulations/dlc_study.py --out runs/dlc_study --setting 16px default   # one variant
-    python simulations/dlc_study.py --diagnose <run dir>             # an existing run
+    python simulations/dlc_study.py --setting synthetic16 --seeds 0,1,2 --out outputs/dlc_study
+    python simulations/dlc_study.py --setting fashion_cnn --seeds 0 --fedcl   # through Flower + Ray
+
+Runs go through an in-process copy of the server loop (``simulate``: the same method hooks and
+seeds as ``fedcl``, every client every round, no Flower or Ray) unless ``--fedcl``: on a 2-core CPU
+it spares shipping a whole ResNet-18 per client and round. Writes <out>/<setting>/table.md + json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fedcl_runs import run_fedcl
 
-COMMON = ["method=dlc", "model=resnet18", "dataset=synthetic", "dataset.channels=3", "dataset.num_classes=20",
-          "dataset.train_per_class=50", "num_tasks=5", "num_clients=10", "local_epochs=2"]
-SETTINGS = {  # what the shared 2-core machine (load ~20) ran: 32px took ~1000 s of wall time per task
-    "32px": [*COMMON, "dataset.image_size=32", "rounds_per_task=2"],
-    "16px": [*COMMON, "dataset.image_size=16", "rounds_per_task=1"],
+FASHION = ["dataset=fashion_mnist", "dataset.root=/usr/share/datasets/fashion-mnist"]
+SETTINGS = {
+    # ResNet-18 (CIFAR stem) on generated 16 px images: 20 classes, 5 tasks, 10 clients
+    "synthetic16": ["model=resnet18", "dataset=synthetic", "dataset.channels=3", "dataset.num_classes=20",
+                    "dataset.train_per_class=50", "dataset.image_size=16", "num_tasks=5", "num_clients=10",
+                    "local_epochs=2", "rounds_per_task=1", "method.memory_total=200"],
+    # the small CNN on Split Fashion-MNIST, 1,000 per class, the default schedule
+    "fashion_cnn": [*FASHION, "dataset.train_per_class=1000"],
+    # ResNet-18 (CIFAR stem) on Split Fashion-MNIST, 100 per class (CPU-sized)
+    "fashion_resnet18": [*FASHION, "model=resnet18", "dataset.train_per_class=100", "dataset.test_per_class=200",
+                         "local_epochs=2", "rounds_per_task=3", "method.memory_total=200"],
 }
-VARIANTS = {
-    "default": [],
-    "layer3+4": ["method.stages=[layer3,layer4]"],
-    "freeze1": ["method.freeze_base_after=1"],   # plugins of tasks 2-4 on a base frozen after task 1
-}
+EXTRA_ROUNDS = 3  # DLC's plugin, weighting and calibrate rounds per task (the defaults)
 
 
 def simulate(overrides: list[str], run_dir: Path) -> dict:
@@ -57,7 +65,7 @@ def simulate(overrides: list[str], run_dir: Path) -> dict:
     server = exp.new_model()
     g = method.init_global(server)
     states = [{} for _ in range(int(cfg.num_clients))]
-    matrix = []
+    matrix, uplink = [], 0
     T = int(cfg.num_tasks)
     for task in range(T):
         for rnd, phase in enumerate(method.phases(task, int(cfg.rounds_per_task))):
@@ -71,17 +79,20 @@ def simulate(overrides: list[str], run_dir: Path) -> dict:
                 if n > 0:
                     up = method.payload(model, ctx)
                     replies.append(({k: v.detach().cpu().numpy().copy() for k, v in up.items()}, n))
+                    uplink += sum(v.numel() * v.element_size() for v in up.values())
             if replies:
                 g = method.aggregate(g, replies, task, phase)
         method.load_payload(server, g)
-        per_task, _ = evaluate_tasks(exp, server, task)
+        per_task, seen_accuracy = evaluate_tasks(exp, server, task)
         matrix.append(per_task + [None] * (T - task - 1))
         print(f"  task {task}: {' '.join(f'{100 * a:.1f}' for a in per_task)}  ({time.monotonic() - started:.0f} s)",
               flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     results = {"config": OmegaConf.to_container(cfg, resolve=True), "accuracy_matrix": matrix,
-               **metrics.summarize(matrix), "num_clients": int(cfg.num_clients),
-               "parameters": method.parameter_counts(server), "wall_time_s": time.monotonic() - started}
+               **metrics.summarize(matrix), "final_accuracy_seen": seen_accuracy,
+               "num_clients": int(cfg.num_clients),
+               "parameters": method.parameter_counts(server), "wall_time_s": time.monotonic() - started,
+               "communication": {"uplink_bytes": uplink}}
     if (diagnostics := method.report(server, exp, g)) is not None:
         results["diagnostics"] = diagnostics
     torch.save({"global": g, "overrides": overrides}, run_dir / "server.pt")
@@ -89,64 +100,79 @@ def simulate(overrides: list[str], run_dir: Path) -> dict:
     return results
 
 
-@torch.no_grad()
-def diagnose(run_dir: Path) -> dict:
-    """``DLC.diagnostics`` of a finished run (this script's or a ``fedcl`` run directory) on the
-    test samples of all tasks, shuffled together, plus ``plugins_off``."""
-    from fedcl.experiment import get_experiment
-    from fedcl.federation import checkpoint
-    from fedcl.federation.run_config import compose_config
-
-    if (run_dir / "server.pt").exists():
-        saved = torch.load(run_dir / "server.pt", weights_only=False)
-        cfg = compose_config(saved["overrides"])
-    else:
-        cfg = checkpoint.load_config(run_dir)
-        saved = torch.load(run_dir / checkpoint.FOLDER / "server.pt", weights_only=False)
-    exp = get_experiment(cfg)
-    model = exp.new_model()
-    exp.method.load_payload(model, saved["global"])
-    tasks = int(cfg.num_tasks)
-    rows = np.concatenate(exp.scenario.test_indices[:tasks])
-    rows = rows[np.random.default_rng([int(cfg.seed), 3, tasks]).permutation(len(rows))]
-    x, y = exp.test_images(rows), torch.from_numpy(exp.scenario.y_test[rows])
-    task = exp.method.task_of(y)
-    out = exp.method.diagnostics(model, x, y, tasks)
-    out["per_task"] = [exp.method.diagnostics(model, x[task == j], y[task == j], tasks) for j in range(tasks)]
-    for layer in model.layers():  # every f_t becomes the base's feature
-        layer.scaling = 0.0
-    out["plugins_off"] = exp.method.diagnostics(model, x, y, tasks)["dlc"]
-    for j, d in enumerate(out["per_task"]):
-        d["plugins_off"] = exp.method.diagnostics(model, x[task == j], y[task == j], tasks)["dlc"]
-    return out
+def rounds(overrides: list[str]) -> int:
+    return int(next((o.split("=")[1] for o in reversed(overrides) if o.startswith("rounds_per_task=")), 5))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("variants", nargs="*", default=list(VARIANTS))
-    ap.add_argument("--out", type=Path, default=Path("runs/dlc_study"))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--setting", choices=list(SETTINGS), default="32px")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (run variants side by side)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--setting", choices=list(SETTINGS), default="synthetic16")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--bases", default="replay,icarl")
+    ap.add_argument("--out", type=Path, default=Path("outputs/dlc_study"))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--fedcl", action="store_true", help="run the real `fedcl` (Flower + Ray) instead")
-    ap.add_argument("--diagnose", type=Path, default=None)
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides added to the setting's")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.diagnose is not None:
-        print(json.dumps(diagnose(args.diagnose), indent=1))
-        return
-    for name in args.variants:
-        run_dir = args.out / f"{args.setting}_{name}_s{args.seed}"
-        overrides = [*SETTINGS[args.setting], *VARIANTS[name], f"seed={args.seed}"]
-        res = run_fedcl(overrides, run_dir, reuse=True) if args.fedcl else simulate(overrides, run_dir)
-        d = diagnose(run_dir)
-        p = res["parameters"]
-        row = {"variant": name, **d, "final_average_accuracy":
-               res["final_average_accuracy"], "added_fraction": p["added_fraction"], "wall_time_s": res["wall_time_s"]}
-        (run_dir / "diagnostics.json").write_text(json.dumps(row, indent=1))
-        print(f"| {name} | {100 * d['base']:.1f} | {100 * d['dlc']:.1f} | {100 * d['plugins_off']:.1f} | "
-              f"{100 * d['task_id']:.1f} | {100 * d['oracle_plugin']:.1f} | {100 * p['added_fraction']:.2f}% | "
-              f"{res['wall_time_s']:.0f} s |", flush=True)
+    common = [*SETTINGS[args.setting], *args.overrides]
+    matched = f"rounds_per_task={rounds(common) + EXTRA_ROUNDS}"
+    out = args.out / args.setting
+    rows = {}
+    for base in args.bases.split(","):
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            runs = {}
+            for label, extra in (("dlc", ["method=dlc", f"method.base={base}"]),
+                                 ("matched", [f"method={base}", matched])):
+                run_dir = out / f"{label}_{base}_s{seed}"
+                overrides = [*common, *extra, f"seed={seed}"]
+                if args.fedcl:
+                    runs[label] = run_fedcl(overrides, run_dir, reuse=True)
+                elif (run_dir / "results.json").exists():
+                    runs[label] = json.loads((run_dir / "results.json").read_text())
+                else:
+                    runs[label] = simulate(overrides, run_dir)
+            d, p = runs["dlc"]["diagnostics"], runs["dlc"]["parameters"]
+            rows.setdefault(base, []).append({
+                "seed": seed, "base": d["base"], "matched": runs["matched"]["final_accuracy_seen"],
+                "matched_final_average": runs["matched"]["final_average_accuracy"],
+                "dlc_final_average": runs["dlc"]["final_average_accuracy"], **{k: d[k] for k in (
+                    "dlc", "plugin_path", "plugins_off", "oracle_plugin", "task_id")},
+                "mix_by_task": d["mix_by_task"], "plugin_relative_norm": d["plugin_relative_norm"],
+                "added_fraction": p["added_fraction"],
+                "uplink_mb": runs["dlc"]["communication"]["uplink_bytes"] / 1e6,
+                "matched_uplink_mb": runs["matched"]["communication"]["uplink_bytes"] / 1e6})
+            r = rows[base][-1]
+            print(f"{base} seed {seed}: base {100 * r['base']:.1f}  matched {100 * r['matched']:.1f}  "
+                  f"DLC {100 * r['dlc']:.1f}  (plugin path {100 * r['plugin_path']:.1f}, plugins off "
+                  f"{100 * r['plugins_off']:.1f}, oracle {100 * r['oracle_plugin']:.1f}, task id "
+                  f"{100 * r['task_id']:.1f}; mix {r['mix_by_task']})", flush=True)
+    table = markdown(rows)
+    print("\n" + table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(table + "\n")
+    (out / "table.json").write_text(json.dumps({"setting": common, "rows": rows}, indent=1))
+
+
+def markdown(rows: dict) -> str:
+    """Accuracy over all test samples after the last task (PyCIL style), mean ± std over seeds."""
+    cols = [("base", "base"), ("matched", "round-matched base"), ("dlc", "DLC"), ("plugin_path", "plugin path"),
+            ("plugins_off", "plugins off"), ("oracle_plugin", "oracle plugin"), ("task_id", "task id")]
+    lines = ["| base method | " + " | ".join(h for _, h in cols) + " | added params | uplink MB (DLC / matched) |",
+             "|" + " --- |" * (len(cols) + 3)]
+    for base, runs in rows.items():
+        lines.append(f"| {base} | " + " | ".join("{:.1f} ± {:.1f}".format(*ms([100 * r[k] for r in runs]))
+                                                 for k, _ in cols) +
+                     f" | {100 * runs[0]['added_fraction']:.2f}% | "
+                     f"{ms([r['uplink_mb'] for r in runs])[0]:.1f} / "
+                     f"{ms([r['matched_uplink_mb'] for r in runs])[0]:.1f} |")
+    seeds = sorted({r["seed"] for runs in rows.values() for r in runs})
+    lines.append(f"\nmean ± std over seeds {', '.join(map(str, seeds))}")
+    return "\n".join(lines)
+
+
+def ms(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def read_idx(path: Path) -> np.ndarray:
                           "replace it with the data set's original file.")
     ndim = raw[3]
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    data = np.frombuffer(bytearray(raw), np.uint8, offset=4 + 4 * ndim)  # writable: torch warns on read-only
     if data.size != int(np.prod(dims)):
         raise ConfigError(f"{path} is truncated: its header says {dims} values, it holds {data.size}; "
                           "replace it with the data set's original file.")
