@@ -117,14 +117,15 @@ class InputStatistics:
 
     def append(self, x: torch.Tensor) -> None:
         """Add rows (n x d, or (..., d): every leading index is a row, as tokens are)."""
-        x = x.detach().reshape(-1, x.shape[-1]).double()
+        x = x.detach().reshape(-1, x.shape[-1])
         self.rows += len(x)
         if x.shape[1] <= GRAM_MAX_WIDTH:
+            x = x.double()
             self.gram = x.T @ x if self.gram is None else self.gram.addmm_(x.T, x)
             return
-        self.energy += float(x.pow(2).sum())
         for i in range(0, len(x), self.sketch_rows):  # the buffer never exceeds 2 * sketch_rows rows
-            part = x[i:i + self.sketch_rows]
+            part = x[i:i + self.sketch_rows].double()  # a few wide rows in float64 at a time
+            self.energy += float(part.pow(2).sum())
             self.sketch = part.clone() if self.sketch is None else torch.cat([self.sketch, part])
             if len(self.sketch) >= 2 * self.sketch_rows:
                 self._shrink()
