@@ -54,3 +54,20 @@ def test_max_size_caps_what_is_stored_and_changed_files_get_a_new_entry(tmp_path
     d = load_dataset(cfg(root=str(root), cache_dir=str(cache), max_size=16), 0)
     assert d.x_train.shape == (6, 3, 16, 16) and (d.x_train[0] == 0).all()
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 2  # the listing changed
+
+
+def _load(root, cache):
+    d = load_dataset(cfg(root=root, cache_dir=cache), 0)
+    return str(d.x_train.filename), int(np.asarray(d.x_train, np.int64).sum())
+
+
+def test_workers_loading_at_once_decode_one_copy(tmp_path):
+    """Two processes that find no cache at the same time: one decodes, the other waits and maps it."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    root, cache = folder(tmp_path / "data", per_class=20), tmp_path / "cache"
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        results = list(pool.map(_load, [str(root)] * 2, [str(cache)] * 2))
+    assert results[0] == results[1]
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1 and not list(cache.glob("*.tmp-*"))

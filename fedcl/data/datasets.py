@@ -292,15 +292,18 @@ def _native_size(path: Path, samples: dict[str, list]) -> tuple[int, int] | None
     from PIL import Image
 
     if not path.is_file():
-        sizes = set()
-        for rows in samples.values():
-            for file, _ in rows:
-                with Image.open(file) as im:  # reads the header only
-                    sizes.add(im.size)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(list(sizes.pop()) if len(sizes) == 1 else None))
-        os.replace(tmp, path)  # atomic: a reader sees no file or the whole one
+        with open(path.with_name(f"{path.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one worker reads the headers, the others wait for it
+            if not path.is_file():
+                sizes = set()
+                for rows in samples.values():
+                    for file, _ in rows:
+                        with Image.open(file) as im:  # reads the header only
+                            sizes.add(im.size)
+                tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+                tmp.write_text(json.dumps(list(sizes.pop()) if len(sizes) == 1 else None))
+                os.replace(tmp, path)  # atomic: a reader sees no file or the whole one
     size = json.loads(path.read_text())
     return None if size is None else tuple(size)
 
