@@ -3,11 +3,19 @@ batch of rows into model inputs (resize, augmentation, normalisation with mean/s
 
 uint8 keeps every worker's copy small (CIFAR-100's training set is 150 MB, not 600 MB as float32).
 Torchvision sets are read from ``dataset.root`` and fetched only when ``dataset.download=true``.
+Image folders, too large for a copy per worker, are decoded once per machine into a cache that
+every worker memory-maps (``load_imagefolder``).
 """
 from __future__ import annotations
 
+import fcntl
 import gzip
+import hashlib
+import json
+import os
+import shutil
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,35 +215,138 @@ def load_torchvision(cfg, seed: int) -> DataSplit:
     return _split(cfg.name, xtr, ytr, xte, yte, len(train.classes))
 
 
+CACHE_VERSION = 1  # bump when the cache's layout or decoding changes: old entries are then ignored
+
+
+def cache_root(cfg) -> Path:
+    """``dataset.cache_dir``, else $FEDCL_CACHE_DIR, else $XDG_CACHE_HOME/fedcl or ~/.cache/fedcl: on
+    disk, not a RAM-backed temp dir, so the OS may drop pages it does not need."""
+    path = getattr(cfg, "cache_dir", None) or os.environ.get("FEDCL_CACHE_DIR")
+    if not path:
+        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedcl"
+    return Path(str(path)).expanduser()
+
+
 def load_imagefolder(cfg, seed: int) -> DataSplit:
-    """root/train/<class>/* and root/test/<class>/*, every image RGB and resized to image_size square."""
-    from PIL import Image
+    """root/train/<class>/* and root/test/<class>/*, decoded once per machine into a cache of raw
+    uint8 files that every worker memory-maps read-only: the OS page cache holds one copy for all
+    of them. Images are stored at their native size when they all share one (and it is within
+    ``dataset.max_size``), else resized to max_size square (null: ``image_size``, else 32); the
+    input pipeline resizes each batch to ``image_size``."""
     from torchvision.datasets import ImageFolder
 
     layout = "train/<class>/*.png and test/<class>/*.png (the same class folders in both)"
     root = _need_root(cfg, layout, "")
-    size = int(getattr(cfg, "image_size", None) or 32)  # stored at that size: no batch resize
-    sets = {}
+    cap = getattr(cfg, "max_size", None)
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ConfigError(f"dataset.max_size={cap!r} must be a positive integer (the largest side images are "
+                          "stored at, in px), or null.")
+    fallback = int(getattr(cfg, "image_size", None) or 32)
+    found = {}
     for split in ("train", "test"):
         if not (root / split).is_dir():
             raise ConfigError(f"dataset.root={root} has no '{split}' folder; imagefolder expects {layout}.")
         try:
-            ds = ImageFolder(str(root / split))
+            found[split] = ImageFolder(str(root / split), loader=lambda p: p)  # lists files, opens none
         except FileNotFoundError as err:  # no class folders, or a class folder with no images
             raise ConfigError(f"dataset.root={root}/{split}: {str(err).rstrip('.')}. "
                               f"imagefolder expects {layout}.") from None
-
-        def read(path):
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB").resize((size, size)))
-
-        x = np.stack([read(p) for p, _ in ds.samples]).transpose(0, 3, 1, 2)
-        sets[split] = (ds.classes, x, np.array(ds.targets, np.int64))
-    if sets["train"][0] != sets["test"][0]:
+    if found["train"].classes != found["test"].classes:
         raise ConfigError(f"dataset.root={root}: the train and test folders have different classes "
-                          f"({sets['train'][0]} vs {sets['test'][0]}); they must match.")
-    (classes, xtr, ytr), (_, xte, yte) = sets["train"], sets["test"]
-    return _split("imagefolder", xtr, ytr, xte, yte, len(classes))
+                          f"({found['train'].classes} vs {found['test'].classes}); they must match.")
+    # the entry is named by everything its content depends on: a changed file gets a new one
+    listing = {split: [(str(Path(p).relative_to(root)), *_stamp(p)) for p, _ in ds.samples]
+               for split, ds in found.items()}
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, str(root.resolve()), listing]).encode()).hexdigest()[:24]
+    samples = {split: ds.samples for split, ds in found.items()}
+    cache = cache_root(cfg)
+    native = _native_size(cache / f"imagefolder-{key}.size.json", samples)
+    if native is not None:  # one native size: kept, or scaled down to the cap with its aspect
+        w, h = native
+        if cap is not None and max(w, h) > cap:
+            w, h = max(1, round(w * cap / max(w, h))), max(1, round(h * cap / max(w, h)))
+    else:
+        w = h = cap if cap is not None else fallback
+    entry = cache / f"imagefolder-{key}-{w}x{h}"  # configs that store the same size share it
+    if not (entry / "header.json").is_file():
+        _write_cache(entry, samples, w, h)
+    header = json.loads((entry / "header.json").read_text())
+
+    def mapped(split):
+        x = np.memmap(entry / f"x_{split}.u8", np.uint8, mode="r", shape=tuple(header[f"x_{split}"]))
+        return x, np.load(entry / f"y_{split}.npy")
+
+    (xtr, ytr), (xte, yte) = mapped("train"), mapped("test")
+    return DataSplit("imagefolder", xtr, ytr, xte, yte, len(found["train"].classes),
+                     tuple(header["mean"]), tuple(header["std"]))
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _native_size(path: Path, samples: dict[str, list]) -> tuple[int, int] | None:
+    """(width, height) that every image shares, None if they differ; from the files' headers, once
+    (remembered in ``path``)."""
+    from PIL import Image
+
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f"{path.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one worker reads the headers, the others wait for it
+            if not path.is_file():
+                sizes = set()
+                for rows in samples.values():
+                    for file, _ in rows:
+                        with Image.open(file) as im:  # reads the header only
+                            sizes.add(im.size)
+                tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+                tmp.write_text(json.dumps(list(sizes.pop()) if len(sizes) == 1 else None))
+                os.replace(tmp, path)  # atomic: a reader sees no file or the whole one
+    size = json.loads(path.read_text())
+    return None if size is None else tuple(size)
+
+
+def _write_cache(entry: Path, samples: dict[str, list], w: int, h: int) -> None:
+    """Decode every image into ``entry`` once: under a file lock (the workers that wait then find it
+    written), into a temporary folder renamed into place only when complete and synced, so no
+    reader ever sees a partial entry."""
+    from PIL import Image
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.parent / f"{entry.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if (entry / "header.json").is_file():
+            return
+        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f"{entry.name}.tmp-"))
+        try:
+            header = {"version": CACHE_VERSION}
+            for split, rows in samples.items():
+                out = np.memmap(tmp / f"x_{split}.u8", np.uint8, mode="w+", shape=(len(rows), 3, h, w))
+                for i, (path, _) in enumerate(rows):  # one image in memory at a time
+                    with Image.open(path) as im:
+                        im = im.convert("RGB")
+                        out[i] = np.asarray(im if im.size == (w, h) else im.resize((w, h))).transpose(2, 0, 1)
+                if split == "train":
+                    header["mean"], header["std"] = _channel_stats(out)
+                out.flush()
+                del out
+                np.save(tmp / f"y_{split}.npy", np.array([label for _, label in rows], np.int64))
+                header[f"x_{split}"] = [len(rows), 3, h, w]
+            (tmp / "header.json").write_text(json.dumps(header))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            os.rename(tmp, entry)
+            dirfd = os.open(entry.parent, os.O_RDONLY)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def load_dataset(cfg, seed: int) -> DataSplit:

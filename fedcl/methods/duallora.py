@@ -55,7 +55,7 @@ from fedcl.federation.lora_aggregation import aggregate_lora, check_scheme
 from fedcl.methods.base import ClientRound, Method, fit, weighted_mean
 from fedcl.models.dual_lora import DualLoRALinear, TaskBases, bare
 from fedcl.models.lora import inject_lora, match_targets
-from fedcl.subspace import BASIS_AGGREGATIONS, client_basis, merge_covariance, merge_svd
+from fedcl.subspace import BASIS_AGGREGATIONS, InputStatistics, merge_covariance, merge_svd
 
 ADAPTER_PARTS = ("orth_A", "orth_B", "res_C", "res_B")
 TASK_KEYS = ("auto", "features", "input")
@@ -224,23 +224,24 @@ class DualLoRA(Method):
         if not len(rows):  # a client without data of this task has no basis to send
             return {}
         layers = self.layers(model)
-        for layer in layers.values():
-            layer.capture = []
+        for layer in layers.values():  # each layer sums its inputs' x^T x as batches pass
+            layer.capture = InputStatistics(2 * self.max_client_basis)
         self.set_mode(model, ctx.task, "current" if ctx.phase == "basis_end" and ctx.task >= self.first else None)
         model.eval()
-        for i in range(0, len(rows), 256):  # the layers record their inputs
-            model.features(ctx.images(rows[i:i + 256]))
-        out = {}
-        captured = {name: torch.cat(layer.capture) for name, layer in layers.items()}
+        stats = {name: layer.capture for name, layer in layers.items()}
         if ctx.phase == "basis_end":
-            captured["task_key"] = torch.cat([self.key_representation(model, ctx.images(rows[i:i + 256]))
-                                              for i in range(0, len(rows), 256)])
-        for name, x in captured.items():
-            x = x.double().cpu().numpy()
+            stats["task_key"] = InputStatistics(2 * self.max_client_basis)
+        for i in range(0, len(rows), 256):
+            images = ctx.images(rows[i:i + 256])
+            model.features(images)
+            if ctx.phase == "basis_end":
+                stats["task_key"].append(self.key_representation(model, images))
+        out = {}
+        for name, stat in stats.items():
             if self.basis_aggregation == "covariance":
-                out[f"cov.{name}"] = torch.from_numpy(x.T @ x)
+                out[f"cov.{name}"] = torch.from_numpy(stat.covariance())
             else:
-                u, s = client_basis(x, self.threshold if name != "task_key" else self.feature_threshold)
+                u, s = stat.basis(self.threshold if name != "task_key" else self.feature_threshold)
                 # half precision on the wire (orthonormal columns, entries below 1; the singular
                 # values stay float32): the server merges in float64 and re-orthonormalises
                 out[f"U.{name}"] = torch.from_numpy(u[:, :self.max_client_basis].astype(np.float16))

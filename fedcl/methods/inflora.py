@@ -38,7 +38,7 @@ from fedcl.experiment import derive_seed
 from fedcl.methods.base import ClientRound, Method, fit, weighted_mean
 from fedcl.methods.duallora import hold_base_session_backbone, pad_into
 from fedcl.models.lora import check_rank, inject_lora
-from fedcl.subspace import BASIS_AGGREGATIONS, client_basis, merge_covariance, merge_svd, project_out
+from fedcl.subspace import BASIS_AGGREGATIONS, InputStatistics, merge_covariance, merge_svd, project_out
 
 SERVER_ONLY = ("class_mean", "class_cov")  # classifier alignment's statistics: never sent down
 
@@ -58,7 +58,7 @@ class InfLoRALinear(nn.Module):
         self.register_buffer("lora_A", torch.zeros(num_tasks, r, d_in))
         self.lora_B = nn.ParameterList(nn.Parameter(torch.zeros(d_out, r)) for _ in range(num_tasks))
         self.register_buffer("old_basis", torch.zeros(d_in, d_in))
-        self.capture: list[torch.Tensor] | None = None  # inputs recorded for the subspace statistics
+        self.capture: InputStatistics | None = None  # sums the inputs' x^T x for the subspace statistics
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.capture is not None:
@@ -190,19 +190,18 @@ class InfLoRA(Method):
         if not len(rows):  # a client without data of this task has nothing to send
             return {}
         layers = self.layers(model)
-        for layer in layers.values():
-            layer.capture = []
+        for layer in layers.values():  # each layer sums its inputs' x^T x as batches pass
+            layer.capture = InputStatistics()
         model.eval()
         feats = torch.cat([model.features(ctx.images(rows[i:i + 256])) for i in range(0, len(rows), 256)])
         out = self.class_statistics(feats, ctx.labels(rows), ctx.task) if (
             ctx.phase == "basis_end" and self.classifier_alignment) else {}
         for name, layer in layers.items():
-            x = torch.cat(layer.capture).double().cpu().numpy()
-            layer.capture = None
+            stat, layer.capture = layer.capture, None
             if self.basis_aggregation == "covariance":
-                out[f"cov.{name}"] = torch.from_numpy(x.T @ x)
+                out[f"cov.{name}"] = torch.from_numpy(stat.covariance())
             else:  # float16 on the wire as DualLoRA's bases: the server works in float64
-                u, s = client_basis(x, self.threshold_at(ctx.task))
+                u, s = stat.basis(self.threshold_at(ctx.task))
                 out[f"U.{name}"] = torch.from_numpy(u[:, :self.max_client_basis].astype(np.float16))
                 out[f"s.{name}"] = torch.from_numpy(s[:self.max_client_basis].astype(np.float32))
         return out

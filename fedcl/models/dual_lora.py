@@ -72,7 +72,7 @@ class DualLoRALinear(nn.Module):
         # None: residual branches off; "current": only the current task's, weight 1 (training);
         # an (N, num_tasks) tensor: per-sample weights from the dynamic memory (inference)
         self.residual_weights: torch.Tensor | str | None = None
-        self.capture: list[torch.Tensor] | None = None     # inputs recorded for bases
+        self.capture = None  # fedcl.subspace.InputStatistics while a basis round sums x^T x
         self.bypass = False                             # the bare base layer (see ``bare``)
         self._residual_cache: dict[int, tuple] = {}
 
