@@ -1,4 +1,5 @@
-"""The shape of the code: no import cycles (lazy imports count), no internal tracker numbers."""
+"""The shape of the code: no import cycles (lazy imports count), only the public APIs of Flower and
+Ray, no internal tracker numbers."""
 import ast
 import re
 from pathlib import Path
@@ -68,6 +69,80 @@ def test_the_cycle_finder_finds_a_lazy_cycle(tmp_path):
     (pkg / "a.py").write_text("import pkg.b\n")
     (pkg / "b.py").write_text("def f():\n    from pkg.a import x\n")
     assert cycles(import_graph(pkg)) == [["pkg.a", "pkg.b"]]
+
+
+# Flower's and Ray's internals: anything under a ``_``-prefixed name, and the packages that are the
+# server, SuperLink and simulation engine of Flower rather than its API for apps and strategies
+PRIVATE_MODULES = ("flwr.server.superlink", "flwr.superlink", "flwr.supercore", "flwr.compat",
+                   "flwr.simulation.ray_transport", "ray._private")
+THIRD_PARTY = ("flwr", "ray")
+
+
+def private_uses(source: str) -> list[str]:
+    """Uses of Flower or Ray outside their public API in one module: imports of private modules or
+    names, private attributes read from them, and attributes assigned on their modules or classes."""
+    tree, found, bound = ast.parse(source), [], set()
+
+    def third_party(module: str) -> bool:
+        return module.split(".")[0] in THIRD_PARTY
+
+    def private_module(module: str) -> bool:
+        parts = module.split(".")
+        return (any(p.startswith("_") for p in parts)
+                or any(module == m or module.startswith(m + ".") for m in PRIVATE_MODULES))
+
+    def root(node):
+        while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+            node = node.func if isinstance(node, ast.Call) else node.value
+        return node.id if isinstance(node, ast.Name) else None
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if third_party(a.name):
+                    bound.add(a.asname or a.name.split(".")[0])
+                    if private_module(a.name):
+                        found.append(f"line {node.lineno}: import {a.name}")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and third_party(node.module):
+            for a in node.names:
+                bound.add(a.asname or a.name)
+                if private_module(node.module) or private_module(f"{node.module}.{a.name}"):
+                    found.append(f"line {node.lineno}: from {node.module} import {a.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and root(node) in bound:
+            if node.attr.startswith("_") and not (node.attr.startswith("__") and node.attr.endswith("__")):
+                found.append(f"line {node.lineno}: .{node.attr} of {root(node)}")
+            if isinstance(node.ctx, (ast.Store, ast.Del)):
+                found.append(f"line {node.lineno}: assigns {root(node)}...{node.attr}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr")
+              and node.args and root(node.args[0]) in bound):
+            found.append(f"line {node.lineno}: {node.func.id} on {root(node.args[0])}")
+    return found
+
+
+def test_fedcl_uses_only_the_public_api_of_flower_and_ray():
+    hits = {str(f.relative_to(ROOT)): uses for f in sorted((ROOT / "fedcl").rglob("*.py"))
+            if (uses := private_uses(f.read_text()))}
+    assert hits == {}
+
+
+def test_the_private_use_finder_finds_patches_and_internal_imports():
+    patched = (
+        "import ray._private.utils\n"
+        "from flwr.server.superlink.fleet.vce import vce_api\n"
+        "from flwr.simulation.ray_transport.ray_actor import BasicActorPool\n"
+        "from flwr.supercore.date import now\n"
+        "import flwr.compat.client.run_info_store as ris\n"
+        "from flwr.server.superlink.fleet.vce.backend import raybackend\n"
+        "def install():\n"
+        "    raybackend.BasicActorPool = object\n"
+        "    vce_api._register_nodes(3, None)\n"
+        "    setattr(vce_api, 'add_messages_to_queue', print)\n"
+    )
+    uses = private_uses(patched)
+    assert len(uses) == 9, uses
+    assert private_uses("import ray\nfrom flwr.app import Message\nray.init()\nMessage.metadata\n") == []
+    assert private_uses("import ray\nray.exceptions.X = 1\n") == ["line 2: assigns ray...X"]
 
 
 def test_no_internal_tracker_numbers_in_what_users_read():

@@ -19,14 +19,15 @@ from fedcl.errors import ConfigError
 
 
 class ServerCallback:
-    """Called by ``ContinualStrategy`` (server side)."""
+    """Called by ``ContinualStrategy`` (server side). What a callback is given is read-only
+    (``fedcl.federation.reports``): the round's plan, its metrics row, the global arrays."""
 
     # screening's norm check of rounds with fewer than 3 replies compares with the global arrays;
     # a callback that noises updates (client-level DP) makes that comparison meaningless
     noisy_updates = False
 
-    def on_run_start(self, strategy) -> None:
-        """Before the first round (also when resuming)."""
+    def on_run_start(self, run) -> None:
+        """Before the first round (also when resuming): a ``RunInfo``."""
 
     def admit(self, clients: list[int], plan) -> list[int]:
         """The asked clients that may take part in this round (e.g. those with privacy budget left)."""
@@ -39,15 +40,18 @@ class ServerCallback:
     def on_reply(self, plan, client: int, content) -> None:
         """Every reply that arrived (before screening): its RecordDict."""
 
-    def on_round_end(self, strategy, plan, row: dict) -> dict:
-        """After aggregation and evaluation; returns extra columns for the round's metrics row."""
+    def on_round_end(self, report) -> dict:
+        """After aggregation and evaluation (a ``RoundReport``); returns extra columns for the
+        round's metrics row."""
         return {}
 
-    def on_checkpoint(self, strategy) -> None:
-        """After the round's row is recorded: persist what must survive a kill."""
+    def on_checkpoint(self, report) -> None:
+        """After the round's row is recorded (a ``RoundReport``, with the whole row): persist what
+        must survive a kill."""
 
-    def on_run_end(self, strategy, results: dict) -> None:
-        """With results.json's content (may add keys to it) before it is written."""
+    def on_run_end(self, end, results: dict) -> None:
+        """After the last round (a ``RunEnd``), with results.json's content (may add keys to it)
+        before it is written."""
 
     def state_dict(self) -> dict:
         """What a resumed run needs of this callback (plain types, tensors, numpy arrays)."""

@@ -36,11 +36,11 @@ class PrivacyServer(ServerCallback):
     def on_reply(self, plan, client, content):
         self.ledger.observe(plan.task, content)
 
-    def on_round_end(self, strategy, plan, row):
-        return self.ledger.end_round(plan.task)
+    def on_round_end(self, report):
+        return self.ledger.end_round(report.plan.task)
 
-    def on_run_end(self, strategy, results):
-        privacy = self.ledger.results(strategy.experiment, strategy.state.global_arrays)
+    def on_run_end(self, end, results):
+        privacy = self.ledger.results(end.experiment, dict(end.global_arrays))
         if privacy is not None:
             results["privacy"] = privacy
 
