@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedcl.aggregation.rules import MEAN, AggregationRule
+from fedcl.aggregation.rules import AggregationRule, current_rule
 
 AGGREGATIONS = ("fedit", "ffa", "stacked")
 
@@ -35,8 +35,9 @@ def check_scheme(name: str) -> str:
 
 
 def aggregate_lora(clients: list[Factors], weights: list[float], scheme: str,
-                   rule: AggregationRule = MEAN) -> Factors:
+                   rule: AggregationRule | None = None) -> Factors:
     check_scheme(scheme)
+    rule = rule or current_rule()  # none named: the one the server applies (``aggregator=``)
     dtype = clients[0][0].dtype
     if scheme == "fedit":
         out = rule.combine([{"A": a, "B": b} for a, b in clients], weights)

@@ -37,6 +37,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fedcl import metrics
+from fedcl.aggregation.rules import applied
 from fedcl.experiment import get_experiment, resolve_device
 from fedcl.federation.callbacks import Checkpointer, MetricsFile, Progress, ResultsWriter, RunDirectory
 from fedcl.federation.client_app import Stopwatch
@@ -234,8 +235,8 @@ class ContinualStrategy(Strategy):
                                     small_rounds=not any(cb.noisy_updates for cb in self.callbacks))
         failures = sorted(failures + rejected, key=lambda f: f[0])
         if accepted:  # in client order: the float sum does not depend on which worker finished first
-            after = owned(self.method.aggregate(before, [(a, n) for _, a, n in accepted], plan.task, plan.phase,
-                                                rule=self.rule))
+            after = owned(combine(self.method, self.rule, before, [(a, n) for _, a, n in accepted], plan.task,
+                                  plan.phase))
             self.state.downlink.bump(before, after, plan.global_round)
             self.state.global_arrays = freeze(after)
         spool.clear()
@@ -415,6 +416,13 @@ def node_ids(grid, at_least: int, timeout_s: float = NODES_TIMEOUT_S) -> list[in
                                f"{at_least}")
         time.sleep(POLL_S)
     return nodes
+
+
+def combine(method, rule, global_arrays: dict, replies: list, task: int, phase: str) -> dict:
+    """The method's aggregation with the run's rule applied: passed in, and the rule of every
+    weighted mean inside that names none (a method need not remember to pass it on)."""
+    with applied(rule):
+        return method.aggregate(global_arrays, replies, task, phase, rule=rule)
 
 
 def freeze(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

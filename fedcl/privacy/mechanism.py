@@ -12,9 +12,12 @@ from __future__ import annotations
 from fedcl.federation.hooks import ClientHook, ServerCallback
 from fedcl.privacy.client_dp import begin_round, privatize_payload
 from fedcl.privacy.ledger import PrivacyLedger
+from fedcl.privacy.settings import PrivacyConfig
 
 
 class Privacy:
+    settings = PrivacyConfig  # the keys of its yaml, typed (checked by fedcl.config before anything starts)
+
     def __init__(self, cfg):
         self.cfg = cfg
 
