@@ -53,7 +53,7 @@ def check_types(cfg: DictConfig) -> None:
         check_plugin("aggregator", aggregator, plugin_class(aggregator, "aggregator"))
     privacy = cfg.get("privacy", None)
     if privacy is not None and privacy.get("mechanism", None):
-        from fedcl.federation.hooks import load_class
+        from fedcl.hooks import load_class
 
         mechanism = load_class(privacy.mechanism, "privacy.mechanism")
         settings = getattr(mechanism, "settings", None)

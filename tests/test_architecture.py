@@ -1,5 +1,5 @@
-"""The shape of the code: no import cycles (lazy imports count), only the public APIs of Flower and
-Ray, no internal tracker numbers."""
+"""The shape of the code: layers in the order data flows, no import cycles (lazy imports count),
+only the public APIs of Flower and Ray, no internal tracker numbers."""
 import ast
 import re
 from pathlib import Path
@@ -60,6 +60,54 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_import_graph_of_fedcl_has_no_cycle():
     assert cycles(import_graph(ROOT / "fedcl")) == []
+
+
+# Lower layers never import higher ones (lazy imports count). A module may import its own layer
+# and those below.
+LAYERS = [
+    ("fedcl.errors", "fedcl.seeding", "fedcl.metrics", "fedcl.report", "fedcl.plugins", "fedcl.hooks",
+     "fedcl.conf"),                                   # foundations and the interfaces of cross-cutting concerns
+    ("fedcl.aggregation",),                           # pure math: rules, LoRA factor schemes, subspace merges
+    ("fedcl.data",),
+    ("fedcl.models",),
+    ("fedcl.methods",),                               # know nothing of the server, the client or the runtime
+    ("fedcl.experiment",),                            # data + scenario + model factory + method
+    ("fedcl.federation",),                            # the server, the client, the Flower/Ray adapter
+    ("fedcl.privacy",),                               # a concern behind server callbacks + client hooks
+    ("fedcl.config",),                                # composing and validating (each plug-in checks itself)
+    ("fedcl.cli", "fedcl", "fedcl.subspace"),         # entry points; an old module name
+]
+# The few upward imports there are, each lazy and for a stated reason.
+UPWARD = {
+    # the contract: ContinualStrategy.from_overrides composes and validates like `fedcl`
+    ("fedcl.federation.strategy", "fedcl.config"),
+    # `flwr run`: the apps compose the run's config from the run config and validate it like `fedcl`
+    ("fedcl.federation.run_config", "fedcl.config"),
+}
+
+
+def layer_of(module: str) -> int:
+    best = max((p for layer in LAYERS for p in layer if module == p or module.startswith(p + ".")), key=len)
+    return next(i for i, layer in enumerate(LAYERS) if best in layer)
+
+
+def upward_imports(edges: dict[str, set[str]]) -> list[str]:
+    # `from fedcl import report` also yields an edge to the package itself: the submodule is the import
+    return sorted(f"{m} -> {t}" for m, targets in edges.items() for t in targets
+                  if t != "fedcl" and layer_of(t) > layer_of(m) and (m, t) not in UPWARD)
+
+
+def test_layers_import_only_their_own_and_lower_ones():
+    edges = import_graph(ROOT / "fedcl")
+    assert all(layer_of(m) >= 0 for m in edges)  # every module has a layer
+    assert upward_imports(edges) == []
+
+
+def test_the_layer_check_finds_a_method_that_imports_the_server():
+    edges = {"fedcl.methods.mine": {"fedcl.federation.strategy", "fedcl.aggregation.rules"},
+             "fedcl.aggregation.rules": {"fedcl.methods.base"}}
+    assert upward_imports(edges) == ["fedcl.aggregation.rules -> fedcl.methods.base",
+                                     "fedcl.methods.mine -> fedcl.federation.strategy"]
 
 
 def test_the_cycle_finder_finds_a_lazy_cycle(tmp_path):

@@ -27,7 +27,7 @@ def leaves(node, prefix=""):
 
 def plugin_kinds(cfg) -> dict:
     """Key -> kind of every setting the config's plug-ins type from their own classes."""
-    from fedcl.federation.hooks import load_class
+    from fedcl.hooks import load_class
     from fedcl.plugins import parameter_kinds, settings_kinds
 
     kinds = {f"method.{k}": v for k, v in parameter_kinds(config.plugin_class(cfg.method, "method")).items()}

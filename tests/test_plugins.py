@@ -33,7 +33,7 @@ MECHANISM = '''
 """A privacy mechanism of a user's own: every client scales what it sends; the server counts replies."""
 from dataclasses import dataclass
 
-from fedcl.federation.hooks import ClientHook, ServerCallback
+from fedcl.hooks import ClientHook, ServerCallback
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,8 @@ def test_aggregation_rule_objects_are_passed_explicitly(tmp_path):
     from fedcl import ContinualStrategy
     from fedcl.aggregation.rules import Krum
 
-    s = ContinualStrategy.from_overrides([*TINY, "aggregator=krum", "aggregator.byzantine=1"], run_dir=str(tmp_path))
+    s = ContinualStrategy.from_overrides([*TINY, "num_clients=5", "aggregator=krum", "aggregator.byzantine=1"],
+                                         run_dir=str(tmp_path))  # Krum needs n > 2f + 2
     assert isinstance(s.rule, Krum) and s.rule.byzantine == 1
     messages = s.configure_train(1, None, None, grid=None)
     g = s.state.global_arrays
@@ -158,7 +159,7 @@ def test_flowers_own_loop_in_a_users_server_app_gives_fedcls_accuracy_matrix(tmp
 
 def test_a_users_callback_admits_clients_and_adds_columns(tmp_path):
     from fedcl import ContinualStrategy
-    from fedcl.federation.hooks import ServerCallback
+    from fedcl.hooks import ServerCallback
 
     class OnlyEven(ServerCallback):
         def admit(self, clients, plan):

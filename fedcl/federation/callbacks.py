@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fedcl import report
 from fedcl.federation import checkpoint
-from fedcl.federation.hooks import ServerCallback
+from fedcl.hooks import ServerCallback
 
 
 class RunDirectory(ServerCallback):

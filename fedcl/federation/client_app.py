@@ -23,10 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from fedcl.experiment import config_key, derive_seed, get_experiment, resolve_device
 from fedcl.federation.codec import from_record, to_record
 from fedcl.federation.faults import FaultInjection
-from fedcl.federation.hooks import ClientHook, mechanisms
 from fedcl.federation.run_config import config_from_context, run_dir_from_context
 from fedcl.federation.runtime import worker_restarted
 from fedcl.federation.store import ClientStateStore, HeldArrays, SharedBlobStore
+from fedcl.hooks import ClientHook, mechanisms
 from fedcl.methods.base import ClientRound
 
 

@@ -19,7 +19,7 @@ as Flower's loop expects. After the last round results.json is written (a callba
 
 What Flower's loop does not do lives beside it: ``fedcl.federation.loop`` (resume from a
 checkpoint, replies decoded as they arrive) drives the same two methods for the ``fedcl``
-command, and cross-cutting concerns are server callbacks (``fedcl.federation.hooks``) that see
+command, and cross-cutting concerns are server callbacks (``fedcl.hooks``) that see
 read-only reports (``fedcl.federation.reports``), never the strategy.
 """
 from __future__ import annotations
@@ -45,12 +45,12 @@ from fedcl.federation.codec import content_bytes, from_record, to_record
 from fedcl.federation.downlink import plan_parcels
 from fedcl.federation.evaluation import evaluate_tasks
 from fedcl.federation.faults import FaultInjection
-from fedcl.federation.hooks import ServerCallback, mechanisms
 from fedcl.federation.reports import RoundReport, RunEnd, RunInfo, frozen
 from fedcl.federation.schedule import RoundPlan, asked, schedule
 from fedcl.federation.screening import screen
 from fedcl.federation.server_state import ServerState, pack, unpack
 from fedcl.federation.spool import ReplySpool, owned
+from fedcl.hooks import ServerCallback, mechanisms
 
 NODES_TIMEOUT_S = 300.0  # a slow start (a busy or remote Ray cluster) may take this long to show nodes
 POLL_S = 0.1

@@ -9,7 +9,7 @@ leaves the client is clipped and noised (``privatize_payload``).
 """
 from __future__ import annotations
 
-from fedcl.federation.hooks import ClientHook, ServerCallback
+from fedcl.hooks import ClientHook, ServerCallback
 from fedcl.privacy.client_dp import begin_round, privatize_payload
 from fedcl.privacy.ledger import PrivacyLedger
 from fedcl.privacy.settings import PrivacyConfig
