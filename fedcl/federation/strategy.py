@@ -251,6 +251,8 @@ class ContinualStrategy(Strategy):
                   "exchange_s": aggregate_started - r.started - r.configure_s, "configure_s": r.configure_s,
                   "aggregate_s": time.monotonic() - aggregate_started,
                   **{f"client_{part}_s": v for part, v in client_time.items()}}
+        if self.cluster is None:  # once replies came, Ray runs; after the last round its GCS may be gone
+            self.cluster = ray_cluster()
         self._record_round(plan, timing)
         counters = MetricRecord({"clients-sampled": len(r.clients), "clients-ok": len(accepted),
                                  "clients-failed": len(failures), "uplink-bytes": up,
@@ -276,7 +278,6 @@ class ContinualStrategy(Strategy):
             waited = time.monotonic()
             node_ids(grid, self.min_nodes)
             self.timing["registration_s"] = time.monotonic() - waited
-        self.cluster = ray_cluster()  # now: after the last round the GCS may be gone (see fedcl.federation.runtime)
 
     def _adopt(self, arrays: ArrayRecord | None, plan: RoundPlan) -> None:
         """Make ``arrays`` (what Flower hands over) the global arrays. The record this strategy
