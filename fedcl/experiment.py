@@ -20,6 +20,7 @@ from fedcl.data.scenario import Scenario, build_scenario
 from fedcl.data.transforms import InputPipeline, input_pipeline
 from fedcl.methods.base import Method
 from fedcl.models.backbones import ClassIncrementalNet, build_model, check_model, model_input_config
+from fedcl.seeding import derive_seed  # noqa: F401 - re-exported: callers import it from here
 
 
 @dataclass
@@ -115,8 +116,3 @@ def _ray_gave_a_gpu() -> bool:
     if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
         return True
     return bool(ray.get_gpu_ids())
-
-
-def derive_seed(*parts: int) -> int:
-    """An independent 63-bit seed for each (seed, task, round, client, ...) tuple."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)

@@ -2,15 +2,18 @@
 
     python simulations/scale_clients.py --clients 1000,10000          # end to end, one fedcl run per N
     python simulations/scale_clients.py --clients 1000,10000 --pieces # the per-client pieces, in this process
+    python simulations/scale_clients.py --clients 10000 --flwr-run    # the same under `flwr run .`, 2 SuperNodes
 
 End to end: ``fedcl`` on synthetic 8 px data, the small CNN at width 8, ``method=finetune``, 2 tasks x 2 rounds,
 one training sample per client per task, ``fraction_train=100/N``; one row per N with wall time, start-up
-(everything outside registration and rounds: validation, data, Ray start, results), registration, the first
-round (it also waits for the Ray workers to start and load the data), the mean of the later rounds, and the
-peak RSS of the whole process tree (fedcl, its simulation process, Ray). ``--pieces`` times, without
-Ray, what costs time per client: the scenario's partition, Flower's node registration and per-node contexts,
-fedcl's registration, and one pass of the simulation engine's message pump with a round's 100 messages pending
-(CPU seconds of this process: on a shared machine wall time says more about the neighbours).
+(everything outside the wait for SuperNodes and rounds: validation, data, Ray start, results), the wait for
+the SuperNodes, the first round (it also waits for the Ray workers to start and load the data), the mean of
+the later rounds, and the peak RSS of the whole process tree (fedcl, its simulation process, Ray). Clients
+are data, not nodes: the simulation has as many SuperNodes as a round has messages (100 here), whatever N is.
+``--pieces`` times, without Ray, what costs time per client: the scenario's partition and a round's
+sampling (CPU seconds of this process: on a shared machine wall time says more about the
+neighbours). ``--flwr-run`` runs the same workload with ``flwr run .`` on Flower's default federation
+(2 SuperNodes) against a local SuperLink of its own (stopped afterwards) and reads results.json.
 """
 from __future__ import annotations
 
@@ -59,57 +62,51 @@ def cpu_seconds(fn):
     return out, time.process_time() - started
 
 
-def in_memory_engine() -> SimpleNamespace:
-    """An in-memory link state and grid as ``run_simulation`` sets them up (flwr 1.42), with fedcl's
-    engine patches installed: factory, state, run, grid."""
-    from flwr.proto.task_pb2 import Task
-    from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
-    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.superlink.federation import NoOpFederationManager
-    from flwr.superlink.grid import InMemoryGrid
-
-    from fedcl.federation import registration
-
-    registration.install()
-    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
-    state = factory.state()
-    run = Run.create_empty(run_id=7)
-    run.primary_task_id, run.federation_id = 3, NOOP_FEDERATION_ID
-    state.run_ids[7], state.task_store[3] = RunRecord(run=run), Task(task_id=3, run_id=7)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
-    grid = InMemoryGrid(factory)
-    grid.set_run(run)
-    return SimpleNamespace(factory=factory, state=state, run=run, grid=grid)
-
-
 def pieces(n: int) -> list:
-    """CPU seconds of the per-client pieces at ``n`` clients (run_simulation's own engine, no Ray)."""
-    from flwr.app import Message, RecordDict
-    from flwr.server.superlink.fleet.vce import vce_api
-
+    """CPU seconds of the per-client pieces at ``n`` clients: the scenario's partition, and one
+    round's sampling."""
     from fedcl.data.scenario import build_scenario
-    from fedcl.federation import registration
+    from fedcl.federation.run_config import compose_config
+    from fedcl.federation.schedule import sample_clients
 
     per_class = max(100, n // 5)
     y = np.repeat(np.arange(10), per_class)
     _, scenario_s = cpu_seconds(lambda: build_scenario(y, y[:300], 10, 2, n, SimpleNamespace(name="iid"), 0))
-    engine = in_memory_engine()
-    factory, state, run, grid = engine.factory, engine.state, engine.run, engine.grid
-    nodes, nodes_s = cpu_seconds(lambda: vce_api._register_nodes(n, factory))
-    _, contexts_s = cpu_seconds(lambda: vce_api._register_node_info_stores(nodes, run))
-    mapping, registration_s = cpu_seconds(lambda: registration.register_clients(grid, n))
-    assert sorted(mapping) == list(range(n))
-    grid.push_messages([Message(RecordDict(), message_type="train", dst_node_id=mapping[c]) for c in range(100)])
-    pending = [msg for msg in state.message_ins_store.values()]
-    queue = SimpleNamespace(put=lambda msg: None)
-    stop = SimpleNamespace(is_set=iter([False, True]).__next__, wait=lambda s: None)
-    _, pump_s = cpu_seconds(lambda: vce_api.add_messages_to_queue(state, queue, nodes, stop))
-    assert all(m.metadata.delivered_at for m in pending)  # the pass delivered every pending message
-    return [n, f"{scenario_s:.3f}", f"{nodes_s:.3f}", f"{contexts_s:.3f}", f"{registration_s:.3f}", f"{pump_s:.4f}"]
+    cfg = compose_config(workload(n))
+    sampled, sample_s = cpu_seconds(lambda: sample_clients(cfg, 0, 0))
+    assert len(sampled) == min(n, 100)
+    return [n, f"{scenario_s:.3f}", f"{sample_s:.4f}"]
+
+
+def flwr_run(n: int, out: Path) -> list:
+    """The workload under ``flwr run .`` with Flower's default federation (2 SuperNodes)."""
+    import os
+    import shutil
+    import signal
+    import tempfile
+
+    repo = Path(__file__).resolve().parent.parent
+    bindir = Path(sys.executable).parent
+    home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
+    run_dir = (out / f"flwr_run_{n}").resolve()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_ADDRESS": "local",
+           "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    overrides = " ".join(w for w in workload(n) if not w.startswith("progress"))
+    cmd = [str(bindir / "flwr"), "run", ".", "--stream", "--run-config", f'overrides="{overrides}" run-dir="{run_dir}"']
+    print("$ " + " ".join(cmd), flush=True)
+    started = time.perf_counter()
+    try:
+        subprocess.run(cmd, check=True, cwd=repo, env=env, timeout=1800)
+    finally:
+        found = subprocess.run(["pgrep", "-f", f"flower-superlink.*{home}"], capture_output=True, text=True)
+        for pid in found.stdout.split():  # the local SuperLink `flwr run` started for this FLWR_HOME
+            os.kill(int(pid), signal.SIGTERM)
+    wall = time.perf_counter() - started
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["num_clients"] == n and len(results["communication"]["per_round"]) == 4
+    return [n, f"{wall:.1f}", f"{results['wall_time_s']:.1f}", f"{results['final_average_accuracy']:.3f}"]
 
 
 def main() -> None:
@@ -117,16 +114,20 @@ def main() -> None:
     parser.add_argument("--clients", default="1000,10000", help="comma-separated client counts")
     parser.add_argument("--out", default="outputs/scale_clients")
     parser.add_argument("--pieces", action="store_true", help="time the per-client pieces in this process")
+    parser.add_argument("--flwr-run", action="store_true", help="run under `flwr run .` (2 SuperNodes)")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     if args.pieces:
-        print(text_table(["clients", "partition s", "Flower nodes s", "node contexts s", "fedcl registration s",
-                          "pump pass s"], [pieces(n) for n in counts]))
+        print(text_table(["clients", "partition s", "sampling s"], [pieces(n) for n in counts]))
+        return
+    if args.flwr_run:
+        print(text_table(["clients", "flwr run wall s", "run wall s (results.json)", "final acc"],
+                         [flwr_run(n, Path(args.out)) for n in counts]))
         return
     rows = []
     for n in counts:
         rows.append(end_to_end(n, Path(args.out)))
-        print(text_table(["clients", "wall s", "start-up s", "registration s", "round 1 s", "later rounds s/round",
+        print(text_table(["clients", "wall s", "start-up s", "wait for nodes s", "round 1 s", "later rounds s/round",
                           "peak GiB"], rows), flush=True)
 
 

@@ -25,24 +25,42 @@ def leaves(node, prefix=""):
             yield f"{prefix}{key}", value
 
 
-def test_every_number_and_boolean_in_conf_has_its_type_in_the_schema():
-    seen = {}
+def plugin_kinds(cfg) -> dict:
+    """Key -> kind of every setting the config's plug-ins type from their own classes."""
+    from fedcl.hooks import load_class
+    from fedcl.plugins import parameter_kinds, settings_kinds
+
+    kinds = {f"method.{k}": v for k, v in parameter_kinds(config.plugin_class(cfg.method, "method")).items()}
+    kinds.update({f"aggregator.{k}": v for k, v in
+                  parameter_kinds(config.plugin_class(cfg.aggregator, "aggregator")).items()})
+    if cfg.privacy.get("mechanism"):
+        settings = load_class(cfg.privacy.mechanism, "privacy.mechanism").settings
+        kinds.update({f"privacy.{k}": v for k, v in leaves(settings_kinds(settings))})
+    return kinds
+
+
+def test_every_number_and_boolean_in_conf_has_its_type_in_the_schema_or_its_plugin():
+    seen, typed_by = {}, {}
     groups = [g for g in sorted(os.listdir(CONF_DIR)) if (Path(CONF_DIR) / g).is_dir() and g != "experiment"]
     options = [[f"{g}={f[:-5]}"] for g in groups for f in sorted(os.listdir(Path(CONF_DIR) / g)) if f.endswith(".yaml")]
     for overrides in [[]] + options:
         cfg = compose_config(overrides + (["dataset.root=/x"] if overrides == ["dataset=imagefolder"] else []))
+        config.check_types(cfg)  # every value has its type
+        typed_by.update(plugin_kinds(cfg))
         tree = OmegaConf.to_container(cfg, resolve=False)
         tree.pop("hydra", None)
         for key, value in leaves(tree):
             seen.setdefault(key, []).append(value)
     for key, values in seen.items():
         typed = [v for v in values if isinstance(v, (bool, int, float))]
+        kind = config.TYPES.get(key) or typed_by.get(key)
         if typed:
-            assert key in config.TYPES, f"{key} (default {typed[0]!r}) has no entry in fedcl.config.TYPES"
+            assert kind is not None, f"{key} (default {typed[0]!r}): not in fedcl.config.TYPES nor typed by its plug-in"
         for value in values:
-            if key in config.TYPES:
-                assert config.has_type(value, config.TYPES[key]), (key, value)
+            if kind is not None:
+                assert config.has_type(value, kind), (key, value)
     assert not set(config.TYPES) - set(seen), "TYPES names keys no config has"
+    assert not {k for k in config.TYPES if k.startswith(("method.", "aggregator.", "privacy."))}
 
 
 @pytest.mark.parametrize("overrides, key, allowed", [

@@ -39,13 +39,13 @@ def test_real_run_sends_no_array_a_client_holds_and_resends_what_a_failed_client
     results, log = recorded_simulation(cfg, tmp_path, recorder=True)
     rounds = [(m, r) for m, r in log.rounds if m and m[0].metadata.message_type == "train"]
     assert len(rounds) == len(results["communication"]["per_round"])
-    holds: dict[int, dict[str, int]] = {}   # node -> key -> version, from what the node was really sent
+    holds: dict[int, dict[str, int]] = {}   # client -> key -> version, from what the client was really sent
     resent = skipped = 0
     for messages, replies in rounds:
-        ok = {r.metadata.src_node_id for r in replies if not r.has_error()
+        ok = {int(r.content["metrics"]["client"]) for r in replies if not r.has_error()
               and int(r.content["metrics"].get("synced", 0))}
-        for m in messages:
-            node, sent = m.metadata.dst_node_id, set(m.content["arrays"].keys())
+        for m in messages:  # a message names its client; the node that runs it is only a slot
+            node, sent = int(m.content["config"]["client"]), set(m.content["arrays"].keys())
             manifest = m.content["manifest"]
             mine = holds.setdefault(node, {})
             after = dict(mine)

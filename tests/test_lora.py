@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
+from fedcl.aggregation.lora import aggregate_lora, exact_update
 from fedcl.errors import ConfigError
-from fedcl.federation.lora_aggregation import aggregate_lora, exact_update
 from fedcl.models.lora import LoRALayer, inject_lora, lora_state_dict
 
 

@@ -178,8 +178,8 @@ def test_audit_auc_drops_toward_half_as_noise_grows(make_cfg):
 
 def test_shared_bases_reveal_membership_unless_the_covariance_is_noised():
     """Basis-residual attack: a basis kept to high energy spans a small client's own samples."""
+    from fedcl.aggregation.subspace import client_basis
     from fedcl.privacy.audit import basis_release, basis_residual_scores, roc_summary
-    from fedcl.subspace import client_basis
 
     rng = np.random.default_rng(0)
     mix = rng.normal(size=(20, 64))                       # data live near a 20-dim subspace

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from fedcl.aggregation.lora import aggregate_lora
 from fedcl.aggregation.rules import Krum, Median, TrimmedMean
 from fedcl.cli import run_experiment
 from fedcl.config import validate
 from fedcl.errors import ConfigError
 from fedcl.federation.faults import corrupt, fault_plan
-from fedcl.federation.lora_aggregation import aggregate_lora
 from fedcl.federation.screening import screen
 from fedcl.federation.store import ClientStateStore
 from fedcl.methods.base import weighted_mean

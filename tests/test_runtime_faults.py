@@ -22,14 +22,16 @@ TINY = ("dataset=digits", "method=finetune", "num_clients=4", "num_tasks=2", "ro
 ROUNDS = 4
 
 
-def test_worker_lost_tells_a_dead_ray_worker_from_a_client_that_raised():
-    # reasons as Flower's simulation engine writes them: "<class 'type'>:<'message'>"
-    assert runtime.worker_lost("<class 'ray.exceptions.ActorDiedError'>:<'The actor died unexpectedly'>")
-    assert runtime.worker_lost("<class 'ray.exceptions.ActorUnavailableError'>:<'The actor x is unavailable'>")
-    assert runtime.worker_lost("<class 'ray.exceptions.NodeDiedError'>:<'node died'>")
-    assert not runtime.worker_lost("<class 'flwr.clientapp.client_app.ClientAppException'>:<'ActorDiedError'>")
-    assert not runtime.worker_lost("<class 'ray.exceptions.RayTaskError'>:<'a task raised'>")
-    assert not runtime.worker_lost("injected crash (faults.crash)")
+def test_ray_restarts_a_dead_client_actor_and_runs_its_message_again():
+    # Flower creates its actors with ClientAppActor.options(**client_resources): Ray's own options
+    resources = runtime.backend_config(compose_config(list(TINY)))["client_resources"]
+    assert resources["max_restarts"] == -1 and resources["max_task_retries"] == runtime.MAX_WORKER_RETRIES
+    assert all(isinstance(v, (int, float)) for v in resources.values())  # what Flower's backend accepts
+
+
+def test_a_simulation_has_as_many_nodes_as_a_round_has_messages_capped():
+    assert runtime.num_slots(10) == 10 and runtime.num_slots(100) == 100
+    assert runtime.num_slots(10**6) == runtime.MAX_SLOTS and runtime.num_slots(0) == 1
 
 
 def test_runtime_lost_crosses_the_process_boundary_and_ray_errors_become_it(tmp_path):
@@ -54,9 +56,10 @@ def test_runtime_lost_crosses_the_process_boundary_and_ray_errors_become_it(tmp_
     ("ray.client_cpus=3", "ray.client_cpus=3"),
 ])
 def test_resources_ray_does_not_have_are_a_config_error(override, names):
+    nodes = [{"CPU": 2.0, "memory": 1e9}]  # what ray.nodes() says of a Ray started with ray.num_cpus=2
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
-        check_resources(compose_config([*TINY, override]))  # ray.num_cpus=2: 3 CPUs per client do not fit
-    check_resources(compose_config(list(TINY)))
+        check_resources(compose_config([*TINY, override]), nodes, "the local Ray")  # 3 CPUs per client do not fit
+    check_resources(compose_config(list(TINY)), nodes, "the local Ray")
 
 
 def test_fedcl_with_a_gpu_per_client_on_a_cpu_machine_exits_2_quickly(tmp_path):

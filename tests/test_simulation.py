@@ -67,9 +67,9 @@ class RecordingGrid:
         for m in batch:
             if m.has_content() and "arrays" in m.content:
                 down = direction == "down"
-                node = m.metadata.dst_node_id if down else m.metadata.src_node_id
+                client = int(m.content["config" if down else "metrics"]["client"])
                 task = int(m.content["config"]["task"]) if down else None
-                self.log.append((direction, node, task, set(m.content["arrays"].keys())))
+                self.log.append((direction, client, task, set(m.content["arrays"].keys())))
 
 
 def recorded_simulation(cfg, run_dir, recorder: bool = False) -> tuple[dict, list]:
@@ -89,7 +89,7 @@ def recorded_simulation(cfg, run_dir, recorder: bool = False) -> tuple[dict, lis
         grids.append(RecordingGrid(grid))
         run_server(grids[0], cfg, str(run_dir))
 
-    run_simulation(app, make_client_app(cfg, str(run_dir)), num_supernodes=int(cfg.num_clients),
+    run_simulation(app, make_client_app(cfg, str(run_dir)), num_supernodes=2,  # nodes are slots, not clients
                    backend_config=backend_config(cfg))
     return json.loads((run_dir / "results.json").read_text()), grids[0] if recorder else grids[0].log
 
@@ -105,10 +105,10 @@ def test_duallora_sends_only_lora_bases_and_head_rows_after_the_base_session(tmp
         ["train", "train", "basis_end", "basis_start", "train", "train", "basis_end"]
     assert results["accuracy_matrix"][0][0] > 0.5  # the base session learned task 0 (chance: 0.2)
     task_of_reply = {}
-    for direction, node, task, keys in log:
+    for direction, client, task, keys in log:
         if direction == "down":
-            task_of_reply[node] = task
-        task = task_of_reply[node]
+            task_of_reply[client] = task
+        task = task_of_reply[client]
         if task >= 1:  # after the base session, in both directions
             assert not keys & backbone, f"backbone arrays crossed the wire ({direction}, task {task})"
         if task >= 1 and direction == "up":
@@ -116,7 +116,7 @@ def test_duallora_sends_only_lora_bases_and_head_rows_after_the_base_session(tmp
                 assert k.startswith(("U.", "s.", "head_rows.")) or k.endswith(
                     (".orth_A.1", ".orth_B.1", ".res_C.1", ".res_B.1")), f"{k} crossed the wire"
     # the base session's last round reached every client with the full model
-    last_base = [keys for d, node, task, keys in log if d == "down" and task == 0][-3:]
+    last_base = [keys for d, client, task, keys in log if d == "down" and task == 0][-3:]
     assert all(backbone <= keys for keys in last_base)
     comm = results["communication"]
     assert comm["uplink_bytes_per_client_round"] < comm["full_model_bytes"] / 5

@@ -37,6 +37,14 @@ def server_identity():
         setattr(TaskIdentity, f"_{k}", v)
 
 
+def pushed(messages):
+    """Give messages ids as a grid's push does (error replies name their client only by the id of
+    the message they answer)."""
+    for i, m in enumerate(messages):
+        m.metadata.__dict__["_message_id"] = f"message-{i}"
+    return messages
+
+
 @pytest.fixture
 def strategy(tmp_path):
     from fedcl import ContinualStrategy
@@ -45,30 +53,63 @@ def strategy(tmp_path):
 
 
 def test_aggregate_train_screens_fake_replies_and_averages_the_rest(strategy):
-    messages = strategy.configure_train(1, None, None, grid=None)
-    assert [m.metadata.dst_node_id for m in messages] == [0, 1, 2, 3]
+    messages = pushed(strategy.configure_train(1, None, None, grid=None))
+    assert [m.content["config"]["client"] for m in messages] == [0, 1, 2, 3]  # clients are data, not nodes
     g = strategy.state.global_arrays
     key = next(k for k, v in g.items() if v.dtype == np.float32 and v.size > 1)
     ups = [{k: v + c for k, v in g.items()} for c in range(4)]
     ups[2][key] = np.full_like(g[key], np.nan)
     replies = [reply(messages[0], ups[0], 10, 0), reply(messages[1], ups[1], 30, 1), reply(messages[2], ups[2], 10, 2),
                Message(Error(code=0, reason="Exception: the client raised"), reply_to=messages[3])]
-    changed, counters = strategy.aggregate_train(1, replies)
+    arrays, counters = strategy.aggregate_train(1, replies)
     new = strategy.state.global_arrays
     assert np.allclose(new[key], g[key] + 0.75)  # (0 * 10 + 1 * 30) / 40: the NaN reply never counts
     assert [(f["client"], f["kind"]) for f in strategy.state.failures] == [(2, "nan"), (3, "crash")]
-    assert counters["clients-ok"] == 2 and key in changed.keys()
+    assert counters["clients-ok"] == 2 and set(arrays.keys()) == set(new)  # every global array, as Flower expects
+    assert np.array_equal(arrays[key].numpy(), new[key])
     assert strategy.state.downlink.versions[key] == 1 and not new[key].flags.writeable
     # round 2: the crashed client was never synced, so it gets everything; so do the others (FedAvg changed all)
-    second = strategy.configure_train(2, None, None, grid=None)
+    second = strategy.configure_train(2, arrays, None, grid=None)
     assert all(set(m.content["arrays"].keys()) == set(new) for m in second)
+
+
+def test_configure_train_uses_the_arrays_it_is_given(strategy):
+    """A wrapper that changes the aggregate (as Flower's DP wrappers do) changes what clients get."""
+    from flwr.app import ArrayRecord
+
+    messages = strategy.configure_train(1, strategy.initial_arrays(), None, grid=None)
+    g = strategy.state.global_arrays
+    arrays, _ = strategy.aggregate_train(1, [reply(m, g, 10, c) for c, m in enumerate(messages)])
+    key = next(k for k, v in g.items() if v.dtype == np.float32 and v.size > 1)
+    changed = ArrayRecord({**{k: arrays[k] for k in arrays.keys()}, key: to_record({key: g[key] + 1})[key]})
+    second = strategy.configure_train(2, changed, None, grid=None)
+    assert np.array_equal(strategy.state.global_arrays[key], g[key] + 1)
+    assert all(np.array_equal(m.content["arrays"][key].numpy(), g[key] + 1) for m in second)
+    assert strategy.state.downlink.versions[key] == 1
+
+
+class TwoNodes:
+    """The part of a Grid that configure_train uses: a federation of two SuperNodes."""
+
+    def get_node_ids(self):
+        return [71, 42]
+
+
+def test_a_round_spreads_its_clients_over_the_nodes_and_each_message_names_its_client(tmp_path):
+    from fedcl import ContinualStrategy
+
+    s = ContinualStrategy.from_overrides([*TINY, "num_clients=5"], run_dir=str(tmp_path))
+    messages = s.configure_train(1, s.initial_arrays(), None, grid=TwoNodes())
+    assert [m.content["config"]["client"] for m in messages] == [0, 1, 2, 3, 4]
+    assert [m.metadata.dst_node_id for m in messages] == [42, 71, 42, 71, 42]
 
 
 def test_aggregation_rule_objects_are_passed_explicitly(tmp_path):
     from fedcl import ContinualStrategy
     from fedcl.aggregation.rules import Krum
 
-    s = ContinualStrategy.from_overrides([*TINY, "aggregator=krum", "aggregator.byzantine=1"], run_dir=str(tmp_path))
+    s = ContinualStrategy.from_overrides([*TINY, "num_clients=5", "aggregator=krum", "aggregator.byzantine=1"],
+                                         run_dir=str(tmp_path))  # Krum needs n > 2f + 2
     assert isinstance(s.rule, Krum) and s.rule.byzantine == 1
     messages = s.configure_train(1, None, None, grid=None)
     g = s.state.global_arrays
@@ -92,26 +133,33 @@ app = ServerApp()
 
 @app.main()
 def main(grid, context):
-    strategy.start(grid)
+    strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(), num_rounds=strategy.num_rounds)
 
 
-run_simulation(server_app=app, client_app=strategy.client_app(), num_supernodes=strategy.num_clients,
+run_simulation(server_app=app, client_app=strategy.client_app(), num_supernodes=2,
                backend_config=strategy.backend_config())
 '''
 
 
-def test_a_users_own_server_app_runs_a_two_task_experiment(tmp_path):
+def test_flowers_own_loop_in_a_users_server_app_gives_fedcls_accuracy_matrix(tmp_path):
+    from fedcl.cli import run_experiment
+    from fedcl.federation.run_config import compose_config
+
     assert len(USER_APP.strip().splitlines()) <= 16  # the README's example, as a user would write it
-    run_dir = tmp_path / "run"
-    exec(compile(USER_APP, "user_app.py", "exec"), {"OVERRIDES": [*TINY, "num_clients=3"], "RUN_DIR": str(run_dir)})
+    overrides = [*TINY, "num_clients=3", "rounds_per_task=2", "fraction_train=0.67"]
+    run_dir = tmp_path / "user"
+    exec(compile(USER_APP, "user_app.py", "exec"), {"OVERRIDES": overrides, "RUN_DIR": str(run_dir)})
     results = json.loads((run_dir / "results.json").read_text())
     assert len(results["accuracy_matrix"]) == 2 and results["accuracy_matrix"][0][0] > 0.3
     assert (run_dir / "metrics.csv").exists()
+    fedcl = run_experiment(compose_config(overrides), str(tmp_path / "fedcl"))
+    assert results["accuracy_matrix"] == fedcl["accuracy_matrix"]  # 3 clients on 2 SuperNodes, and on 2
+    assert results["communication"]["downlink_bytes"] == fedcl["communication"]["downlink_bytes"]
 
 
 def test_a_users_callback_admits_clients_and_adds_columns(tmp_path):
     from fedcl import ContinualStrategy
-    from fedcl.federation.hooks import ServerCallback
+    from fedcl.hooks import ServerCallback
 
     class OnlyEven(ServerCallback):
         def admit(self, clients, plan):
@@ -122,7 +170,7 @@ def test_a_users_callback_admits_clients_and_adds_columns(tmp_path):
 
     s = ContinualStrategy.from_overrides(TINY, run_dir=str(tmp_path), callbacks=[OnlyEven()])
     messages = s.configure_train(1, None, None, grid=None)
-    assert [m.metadata.dst_node_id for m in messages] == [0, 2]
+    assert [m.content["config"]["client"] for m in messages] == [0, 2]
     assert messages[1].content["config"]["note"] == "client 2"
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedcl.subspace import client_basis, merge_covariance, merge_svd, project_out
+from fedcl.aggregation.subspace import client_basis, merge_covariance, merge_svd, project_out
 
 
 def low_rank_features(rng, n, d, directions, noise=0.01):

@@ -1,4 +1,6 @@
-"""How the server combines client updates: one object per rule, passed explicitly to aggregation.
+"""How the server combines client updates: one object per rule, passed explicitly to aggregation
+and applied by the server around a method's ``aggregate`` (``applied``), so a weighted mean that
+does not name a rule uses the run's.
 
 A rule sees every client's whole update (a dict of named arrays) and its weight, so both
 coordinate-wise rules (mean, median, trimmed mean) and whole-update rules (Krum, which picks the
@@ -9,17 +11,40 @@ Chosen with ``aggregator=<name>`` (``conf/aggregator/``, Hydra ``_target_``).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import numpy as np
 
 Update = dict[str, np.ndarray]
+_APPLIED: contextvars.ContextVar = contextvars.ContextVar("fedcl_aggregation_rule", default=None)
+
+
+def current_rule() -> "AggregationRule":
+    """The rule the server applies to the aggregation in progress (``applied``), else the mean."""
+    return _APPLIED.get() or MEAN
+
+
+@contextlib.contextmanager
+def applied(rule: "AggregationRule"):
+    """While the server runs a method's aggregation: every weighted mean that names no rule uses ``rule``."""
+    token = _APPLIED.set(rule)
+    try:
+        yield rule
+    finally:
+        _APPLIED.reset(token)
 
 
 class AggregationRule:
     """Combine client updates; subclasses override ``combine`` (whole updates) or ``reduce`` (per array)."""
 
     name = "rule"
+
+    def problem(self, updates_per_round: int) -> str | None:
+        """What is wrong with this rule's settings for rounds of ``updates_per_round`` updates, in
+        words (checked before a run starts); None if nothing."""
+        return None
 
     def combine(self, updates: list[Update], weights) -> Update:
         if not updates:
@@ -94,6 +119,18 @@ class Krum(AggregationRule):
     byzantine: int = 1
     multi: int = 1
     name = "krum"
+
+    def problem(self, updates_per_round: int) -> str | None:
+        n, f = int(updates_per_round), int(self.byzantine)
+        if f < 0 or int(self.multi) < 1:
+            return f"aggregator.byzantine={f} must be >= 0 and aggregator.multi={self.multi} >= 1."
+        if n > 2 * f + 2:
+            return None
+        fix = (f"lower aggregator.byzantine to at most {(n - 3) // 2}, or " if n >= 3 else "")
+        return (f"aggregator=krum with aggregator.byzantine={f}: Krum tolerates f attackers only among more than "
+                f"2f + 2 = {2 * f + 2} updates per round (Blanchard et al., 2017), but a round samples {n} clients; "
+                f"with fewer it picks an update without any guarantee. To fix it, {fix}sample more clients per "
+                "round (num_clients, fraction_train).")
 
     def combine(self, updates, weights):
         if not updates:

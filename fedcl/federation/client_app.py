@@ -1,9 +1,10 @@
 """The Flower ``ClientApp``: one simulated client's round of continual learning.
 
-A message says which task and round it is and carries the global arrays; the client loads its own
-state from the store, lets the method train, saves the state, and replies with the method's
-payload plus ``num-examples``. ``partition-id`` from the node config is the client's identity:
-Flower's node ids change on every run, partition ids do not.
+A message names the logical client it is for (``config["client"]``), says which task and round it
+is and carries the global arrays; the node that runs it is only an execution slot. The client
+loads its own state from the store (partition, state, RNG and privacy ledger are all keyed by the
+client id), lets the method train, saves the state, and replies with the method's payload plus
+``num-examples``.
 """
 from __future__ import annotations
 
@@ -15,16 +16,17 @@ import time
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 
 from fedcl.experiment import config_key, derive_seed, get_experiment, resolve_device
 from fedcl.federation.codec import from_record, to_record
 from fedcl.federation.faults import FaultInjection
-from fedcl.federation.hooks import ClientHook, mechanisms
 from fedcl.federation.run_config import config_from_context, run_dir_from_context
+from fedcl.federation.runtime import worker_restarted
 from fedcl.federation.store import ClientStateStore, HeldArrays, SharedBlobStore
+from fedcl.hooks import ClientHook, mechanisms
 from fedcl.methods.base import ClientRound
 
 
@@ -183,25 +185,19 @@ def hold(cfg: DictConfig, run_dir: str, state: dict, sent: dict[str, np.ndarray]
 
 
 def train(cfg: DictConfig, run_dir: str, msg: Message, context: Context) -> Message:
-    client = int(context.node_config["partition-id"])
+    """One logical client's round, on whichever node (execution slot) Flower delivered it to."""
+    conf = dict(msg.content["config"])
+    client = int(conf["client"])
     manifest = msg.content.config_records.get("manifest")
-    payload, metrics = client_step(cfg, run_dir, client, dict(msg.content["config"]),
-                                   from_record(msg.content["arrays"]),
+    restarted = worker_restarted()  # this Ray worker replaces one that died (see fedcl.federation.runtime)
+    payload, metrics = client_step(cfg, run_dir, client, conf, from_record(msg.content["arrays"]),
                                    None if manifest is None else {k: list(v) for k, v in manifest.items()})
+    if restarted:
+        metrics["worker-restarted"] = 1
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if payload is not None:
         content["arrays"] = to_record(payload)
     return Message(content, reply_to=msg)
-
-
-def identify(msg: Message, context: Context, cfg: DictConfig | None = None) -> Message:
-    """Handshake: tell the server which partition (client id) this node simulates; asked only where
-    the simulation engine runs in another process (``flwr run``, see ``registration``). The worker
-    loads the data set and builds the model here, so no round's first client pays for it."""
-    if cfg is not None:
-        pristine_model(cfg)  # data set and model, once per worker
-    record = ConfigRecord({"partition-id": int(context.node_config["partition-id"])})
-    return Message(RecordDict({"identity": record}), reply_to=msg)
 
 
 def make_client_app(cfg: DictConfig, run_dir: str) -> ClientApp:
@@ -213,10 +209,6 @@ def make_client_app(cfg: DictConfig, run_dir: str) -> ClientApp:
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
         return train(worker_config(blob), run_dir, msg, context)
-
-    @app.query()
-    def _query(msg: Message, context: Context) -> Message:
-        return identify(msg, context, worker_config(blob))
 
     return app
 
@@ -237,8 +229,3 @@ app = ClientApp()
 @app.train()
 def _train_from_run_config(msg: Message, context: Context) -> Message:
     return train(config_from_context(context), run_dir_from_context(context), msg, context)
-
-
-@app.query()
-def _query_from_run_config(msg: Message, context: Context) -> Message:
-    return identify(msg, context, config_from_context(context))

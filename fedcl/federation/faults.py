@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedcl.federation.hooks import ClientHook, ServerCallback
+from fedcl.hooks import ClientHook, ServerCallback
 
 KINDS = ("crash", "dropout", "straggle", "corrupt")
 CORRUPTIONS = ("nan", "inf", "shape", "norm")

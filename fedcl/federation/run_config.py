@@ -3,8 +3,8 @@
 ``run_simulation`` (what ``fedcl`` uses) passes the config to the apps through a closure. Under
 ``flwr run`` the apps compose the same Hydra config from the packaged ``conf/`` with the overrides
 given as one string: ``flwr run . --run-config 'overrides="num_clients=4 method=finetune"'``.
-The federation must have one SuperNode per client: ``--federation-config "num-supernodes=4"``
-(see docs/flwr_run.md).
+Any federation size works (Flower's default of 2 SuperNodes included): a message names its
+client, and nodes are execution slots (see docs/flwr_run.md).
 """
 from __future__ import annotations
 

@@ -1,85 +1,39 @@
-"""Faults of the Ray runtime under a simulation, as opposed to faults of the clients themselves.
+"""The one adapter to Flower's simulation engine and Ray: resources per client, how Ray starts,
+how many SuperNodes a simulation has, and what happens when a Ray worker dies.
+
+Clients are data, not nodes: a message names the logical client it is for (``config["client"]``),
+so the federation's SuperNodes are execution slots and any number of them serves any number of
+clients. A simulation started by fedcl gets as many as a round has messages in flight (capped):
+Flower's engine hands each node at most one message per 0.1 s pass, so fewer nodes than a round's
+messages would only spread its delivery over several passes.
 
 A Ray worker that serves clients can die (the OOM killer, a segfault in a native library, a node
-that leaves the cluster). Flower's actor pool (flwr 1.42, ``BasicActorPool``) puts the dead actor
-back and sends it every later message, so its clients fail in every round. ``install()`` replaces
-that pool with one that swaps a dead actor for a fresh one; the strategy then asks the clients
-whose reply was ``worker_lost`` again (their state on disk is from before the round, so the retry
-is the same computation). Whatever cannot be repaired that way (the node's raylet, the GCS) ends
-the run with ``fedcl.errors.RuntimeLost``; see ``fedcl.federation.simulation``.
+that leaves the cluster). Flower creates its actors with ``ClientAppActor.options(**client_resources)``,
+so the resources below also carry Ray's own actor options: Ray restarts a dead actor
+(``max_restarts``) and runs the message it was processing again (``max_task_retries``). The
+client's state on disk is from before the round, so the retry is the same computation; the client
+reports that it ran on a restarted worker (``worker_restarted``). Whatever cannot be repaired that way
+(the node's raylet, the GCS) ends the run with ``fedcl.errors.RuntimeLost``; see
+``fedcl.federation.simulation``.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
-import re
+import sys
+import warnings
 
 from omegaconf import DictConfig
 
+MAX_SLOTS = 1000         # SuperNodes of a simulation fedcl starts, at most
+MAX_WORKER_RETRIES = 2   # times Ray runs one message again after its worker died
 log = logging.getLogger(__name__)
-
-# Ray's exceptions that mean the process running the client is gone, not that the client raised
-# (a client's own exception reaches the server as flwr's ClientAppException).
-LOST = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError",
-                  "NodeDiedError", "LocalRayletDiedError", "RaySystemError", "OutOfMemoryError",
-                  "ObjectLostError", "OwnerDiedError", "ObjectReconstructionFailedError"})
-# Flower's simulation engine writes an error reply's reason as "<class 'module.Name'>:<'message'>"
-_TYPE = re.compile(r"<class 'ray\.exceptions\.(\w+)'>")
-
-
-def worker_lost(reason: str) -> bool:
-    """Does this error reply's reason say the client's Ray actor, worker or node died?"""
-    match = _TYPE.match(reason.strip())
-    return bool(match) and match.group(1) in LOST
-
-
-def install() -> None:
-    """Make Flower's Ray backend replace dead actors (idempotent; call before ``run_simulation``)."""
-    from flwr.server.superlink.fleet.vce.backend import raybackend
-
-    raybackend.BasicActorPool = _replacing_pool_class()
-
-
-@functools.cache  # one class, however often install() runs
-def _replacing_pool_class():
-    import ray
-    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
-
-    class ReplacingActorPool(BasicActorPool):
-        """``BasicActorPool`` (flwr 1.42) that swaps an actor whose worker died for a new one.
-
-        ``RayBackend.process_message`` calls ``fetch_result_and_return_actor_to_pool`` and, when it
-        raises, ``add_actor_back_to_pool(future)``, which appends whatever actor ``_future_to_actor``
-        holds for the future: putting a fresh actor there is all it takes.
-        """
-
-        def fetch_result_and_return_actor_to_pool(self, future):
-            try:
-                return super().fetch_result_and_return_actor_to_pool(future)
-            except ray.exceptions.RayActorError:
-                dead = self._future_to_actor[future]
-                with contextlib.suppress(Exception):  # an "unavailable" actor may still hold its CPUs
-                    ray.kill(dead, no_restart=True)
-                self._future_to_actor[future] = self.create_actor_fn()
-                log.warning("a Ray worker serving clients died; started a new one in its place")
-                raise
-
-    return ReplacingActorPool
 
 
 def backend_config(cfg: DictConfig) -> dict:
-    """Ray resources per client; ``ray.address=auto`` attaches to an existing cluster.
-
-    Also installs fedcl's actor pool in Flower's Ray backend (``install``), so any
-    simulation started with this config gets a new Ray worker when one dies.
-    """
-    install()
-    from fedcl.federation import registration
-
-    registration.install()  # Flower's engine without per-node costs per message (100,000 clients)
-    return {"client_resources": {"num_cpus": float(cfg.ray.client_cpus),
-                                 "num_gpus": float(cfg.ray.client_gpus)},
+    """The ``backend_config`` of ``run_simulation``: Ray resources per client (plus the actor
+    restart options Flower passes on to Ray with them), and how Ray starts."""
+    return {"client_resources": {"num_cpus": float(cfg.ray.client_cpus), "num_gpus": float(cfg.ray.client_gpus),
+                                 "max_restarts": -1, "max_task_retries": MAX_WORKER_RETRIES},
             "init_args": ray_init_args(cfg)}
 
 
@@ -94,3 +48,28 @@ def ray_init_args(cfg: DictConfig) -> dict:
         if cfg.ray.num_cpus:
             init_args["num_cpus"] = int(cfg.ray.num_cpus)
     return init_args
+
+
+def num_slots(largest_round: int) -> int:
+    """SuperNodes for a simulation whose largest round asks ``largest_round`` clients."""
+    return max(1, min(int(largest_round), MAX_SLOTS))
+
+
+def worker_restarted() -> bool:
+    """True in the first message a Ray actor handles after Ray restarted it: the message its dead
+    predecessor was processing, run again (or, if it died between messages, the next one). Asked
+    once per process (it is a query to Ray's GCS)."""
+    global _ASKED
+    ray = sys.modules.get("ray")  # not imported: not in a Ray worker
+    if _ASKED or ray is None or not ray.is_initialized():
+        return False
+    _ASKED = True
+    try:
+        with warnings.catch_warnings():  # Ray's property reads Ray's own deprecated actor_id
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - not in an actor (a driver, a task)
+        return False
+
+
+_ASKED = False

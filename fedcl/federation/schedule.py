@@ -49,3 +49,10 @@ def asked(cfg, method, plan: RoundPlan) -> list[int]:
     if method.samples_everyone(plan.task, plan.phase):
         return list(range(int(cfg.num_clients)))
     return sample_clients(cfg, plan.task, plan.round)
+
+
+def largest_round(cfg, method) -> int:
+    """The most clients any round of the run asks (every client in a phase the method samples
+    everyone in, else the sample size)."""
+    everyone = any(method.samples_everyone(p.task, p.phase) for p in schedule(cfg, method))
+    return int(cfg.num_clients) if everyone else num_sampled(cfg)

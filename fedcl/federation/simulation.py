@@ -4,8 +4,9 @@ The simulation runs in a child process that this one watches. Ray ends its drive
 when the node's raylet or object store dies (no Python exception reaches fedcl), so only a parent
 can tell the user that the runtime was lost and how to continue: ``RuntimeLost``, whose message
 points to ``fedcl resume=<run dir>`` (the checkpoint after the last completed round is intact).
-Before anything starts, the Ray resources a client asks for are checked against what Ray has:
-otherwise Flower's actor pool is empty and the server waits for replies forever.
+Once Ray runs and before Flower starts, the Ray resources a client asks for are checked against
+what Ray has (``ray.nodes()``): otherwise Flower's actor pool is empty and the server waits for
+replies forever.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import logging
 import multiprocessing
 import os
 import pickle
-import re
 import signal
 import sys
 import threading
@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from fedcl.errors import ConfigError, RuntimeLost
 from fedcl.federation.faults import INJECTED_CRASH
-from fedcl.federation.runtime import backend_config, ray_init_args
+from fedcl.federation.runtime import backend_config, num_slots, ray_init_args
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -35,33 +35,16 @@ EXIT_GRACE_S = 30.0  # after its answer, the child's time to exit before it is k
 
 
 # ---- resources ------------------------------------------------------------------------------------
-def local_gpus() -> int:
-    """GPUs a locally started Ray would detect (it honours CUDA_VISIBLE_DEVICES)."""
-    try:
-        from ray._private.accelerators import get_accelerator_manager_for_resource
-
-        manager = get_accelerator_manager_for_resource("GPU")
-        count = int(manager.get_current_node_num_accelerators())
-        visible = manager.get_current_process_visible_accelerator_ids()
-        return count if visible is None else min(count, len(visible))
-    except Exception:  # noqa: BLE001 - a private Ray API (2.55); torch sees the same devices
-        import torch
-
-        return torch.cuda.device_count()
-
-
 def node_resources(cfg: DictConfig) -> tuple[list[dict], str]:
-    """CPU and GPU counts of each Ray node the clients could run on, and where they come from."""
-    if not cfg.ray.address:
-        import ray._private.utils
-
-        detected = ray._private.utils.get_num_cpus()
-        cpus = float(cfg.ray.num_cpus) if cfg.ray.num_cpus else float(detected)
-        source = (f"the local Ray (ray.num_cpus={cfg.ray.num_cpus}; this machine has {detected} CPUs)"
-                  if cfg.ray.num_cpus else f"the local Ray (all {detected} CPUs of this machine)")
-        return [{"CPU": cpus, "GPU": float(local_gpus())}], source
+    """CPU and GPU counts of each Ray node the clients could run on, and where they come from: the
+    Ray this process started (``start_local_ray``), or a short visit to the cluster at ``ray.address``."""
     import ray
 
+    if not cfg.ray.address:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
+        cpus = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+        return nodes, (f"the local Ray (ray.num_cpus={cfg.ray.num_cpus})" if cfg.ray.num_cpus
+                       else f"the local Ray (all {cpus:g} CPUs it found on this machine)")
     try:  # a short visit: Flower connects again with its own settings
         ray.init(address=str(cfg.ray.address), logging_level=logging.ERROR, include_dashboard=False)
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
@@ -74,12 +57,15 @@ def node_resources(cfg: DictConfig) -> tuple[list[dict], str]:
     return nodes, f"the Ray cluster at ray.address={cfg.ray.address} ({len(nodes)} nodes)"
 
 
-def check_resources(cfg: DictConfig) -> None:
-    """ConfigError unless at least one client fits on a Ray node, counted as Flower sizes its pool."""
-    need_cpu, need_gpu = float(cfg.ray.client_cpus), float(cfg.ray.client_gpus)
+def check_num_cpus(cfg: DictConfig) -> None:
     if cfg.ray.num_cpus is not None and not cfg.ray.address and float(cfg.ray.num_cpus) < 1:
         raise ConfigError(f"ray.num_cpus={cfg.ray.num_cpus} must be >= 1 (or null: all CPUs of this machine).")
-    nodes, source = node_resources(cfg)
+
+
+def check_resources(cfg: DictConfig, nodes: list[dict], source: str) -> None:
+    """ConfigError unless at least one client fits on one of the Ray ``nodes`` (their resources,
+    as ``ray.nodes()`` gives them), counted as Flower sizes its pool."""
+    need_cpu, need_gpu = float(cfg.ray.client_cpus), float(cfg.ray.client_gpus)
     cpus = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
     gpus = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
     fits = [n for n in nodes if n.get("CPU", 0.0) >= need_cpu and (need_gpu == 0 or n.get("GPU", 0.0) >= need_gpu)]
@@ -97,17 +83,16 @@ def check_resources(cfg: DictConfig) -> None:
 
 
 # ---- logs -----------------------------------------------------------------------------------------
-_LOST_WORKER_LOG = re.compile(r"ray\.exceptions\.(ActorDiedError|ActorUnavailableError)|^The actor \S* ?(died|is "
-                              r"unavailable)")
-
-
 def hide_reported_faults(record: logging.LogRecord) -> bool:
-    """Flower logs every failed client with its traceback. An injected crash (``faults.crash``) and
-    a lost Ray worker (asked again, see ``runtime``) are reported in the progress line and
-    ``failures`` instead. Other errors still print."""
-    message = record.getMessage()
-    return INJECTED_CRASH not in message and not _LOST_WORKER_LOG.search(message)
+    """Flower logs every failed client with its traceback. An injected crash (``faults.crash``) is
+    reported in the progress line and ``failures`` instead. Other errors still print.
 
+    Also hides Flower's deprecation notice for ``run_simulation``: it is the in-process way to
+    run a simulation from a Python program (a Hydra app, a test); ``flwr run`` needs the project
+    packaged as a Flower app and a SuperLink process. fedcl supports both (docs/flwr_run.md), and
+    a user reads the notice as something wrong with their run."""
+    message = record.getMessage()
+    return INJECTED_CRASH not in message and "`run_simulation` function is deprecated" not in message
 
 
 # ---- the simulation, in a child process -------------------------------------------------------------
@@ -168,11 +153,12 @@ def simulate(cfg: DictConfig, run_dir: str, resume: bool = False, process: Simul
     """Run the simulation in a child process (``process``, started earlier, or a new one); its
     exceptions are raised here.
 
-    ConfigError for resources Ray does not have; RuntimeLost when Ray fails under the run (the
+    ConfigError for resources Ray does not have (checked in the child once Ray runs, see
+    ``run_simulation_here``); RuntimeLost when Ray fails under the run (the
     child then ended without an answer, or with a Ray error).
     """
     try:
-        check_resources(cfg)
+        check_num_cpus(cfg)
     except BaseException:
         if process is not None:
             process.cancel()
@@ -234,6 +220,7 @@ def _simulate_in_child(jobs, answer) -> None:
     def results_written() -> None:
         answer.send("ok")
         answered.set()
+        quiet()  # what Flower and Ray print while shutting down is not about the run
 
     try:
         run_simulation_here(cfg, run_dir, resume, on_results=results_written)
@@ -253,6 +240,16 @@ def _simulate_in_child(jobs, answer) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def quiet() -> None:
+    """Send this process's stdout and stderr (Ray's log forwarding included) to /dev/null."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 def as_runtime_lost(err: BaseException, run_dir: str) -> BaseException:
@@ -288,16 +285,17 @@ def run_simulation_here(cfg: DictConfig, run_dir: str, resume: bool = False, on_
     runs once results.json is written, before Flower and Ray shut down."""
     from flwr.simulation import run_simulation
 
-    from fedcl.federation import registration
+    from fedcl.experiment import get_experiment
     from fedcl.federation.client_app import make_client_app
+    from fedcl.federation.schedule import largest_round
     from fedcl.federation.server_app import make_server_app
 
-    registration.install()  # the engine's per-node costs become per-message ones (100,000 clients)
     start_local_ray(cfg)
+    check_resources(cfg, *node_resources(cfg))
     # Flower logs through its own console handler; without this Hydra's root handler repeats it
     # at DEBUG level.
     logging.getLogger("flwr").propagate = False
     logging.getLogger("flwr").addFilter(hide_reported_faults)
-    run_simulation(server_app=make_server_app(cfg, run_dir, resume, on_results),
-                   client_app=make_client_app(cfg, run_dir), num_supernodes=int(cfg.num_clients),
-                   backend_config=backend_config(cfg))
+    slots = num_slots(largest_round(cfg, get_experiment(cfg).method))
+    run_simulation(server_app=make_server_app(cfg, run_dir, resume, on_results, min_nodes=slots),
+                   client_app=make_client_app(cfg, run_dir), num_supernodes=slots, backend_config=backend_config(cfg))

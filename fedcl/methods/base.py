@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedcl.aggregation.rules import MEAN, AggregationRule
+from fedcl.aggregation.rules import MEAN, AggregationRule, current_rule
 
 
 @dataclass
@@ -159,12 +159,13 @@ class Method:
 
 
 def weighted_mean(replies: list[tuple[dict[str, np.ndarray], int]],
-                  rule: AggregationRule = MEAN) -> dict[str, np.ndarray]:
+                  rule: AggregationRule | None = None) -> dict[str, np.ndarray]:
     """FedAvg: per-array mean weighted by example counts, in reply order (callers sort it); another
-    ``rule`` (median, trimmed mean, Krum) combines the same updates its own way."""
+    ``rule`` (median, trimmed mean, Krum) combines the same updates its own way. No ``rule``: the
+    one the server applies to the aggregation in progress (``aggregator=``)."""
     if sum(n for _, n in replies) <= 0:
         raise ValueError("weighted_mean needs at least one reply with examples")
-    return rule.combine([arrays for arrays, _ in replies], [n for _, n in replies])
+    return (rule or current_rule()).combine([arrays for arrays, _ in replies], [n for _, n in replies])
 
 
 def head_row_references(payload: dict, received: dict, first_class: int,

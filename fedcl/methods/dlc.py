@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedcl.aggregation.lora import aggregate_lora, check_scheme
 from fedcl.aggregation.rules import MEAN, AggregationRule
 from fedcl.errors import ConfigError
-from fedcl.federation.lora_aggregation import aggregate_lora, check_scheme
 from fedcl.methods.base import ClientRound, Method, autocast, local_batches, local_optimizer, weighted_mean
 from fedcl.methods.icarl import ICaRL
 from fedcl.methods.replay import Replay, reservoir

@@ -49,13 +49,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedcl.aggregation.lora import aggregate_lora, check_scheme
 from fedcl.aggregation.rules import MEAN, AggregationRule
+from fedcl.aggregation.subspace import BASIS_AGGREGATIONS, InputStatistics, merge_covariance, merge_svd
 from fedcl.errors import ConfigError
-from fedcl.federation.lora_aggregation import aggregate_lora, check_scheme
 from fedcl.methods.base import ClientRound, Method, fit, weighted_mean
 from fedcl.models.dual_lora import DualLoRALinear, TaskBases, bare
 from fedcl.models.lora import inject_lora, match_targets
-from fedcl.subspace import BASIS_AGGREGATIONS, InputStatistics, merge_covariance, merge_svd
 
 ADAPTER_PARTS = ("orth_A", "orth_B", "res_C", "res_B")
 TASK_KEYS = ("auto", "features", "input")

@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedcl.aggregation.subspace import BASIS_AGGREGATIONS, InputStatistics, merge_covariance, merge_svd, project_out
 from fedcl.errors import ConfigError
-from fedcl.experiment import derive_seed
 from fedcl.methods.base import ClientRound, Method, fit, weighted_mean
 from fedcl.methods.duallora import hold_base_session_backbone, pad_into
 from fedcl.models.lora import check_rank, inject_lora
-from fedcl.subspace import BASIS_AGGREGATIONS, InputStatistics, merge_covariance, merge_svd, project_out
+from fedcl.seeding import derive_seed
 
 SERVER_ONLY = ("class_mean", "class_cov")  # classifier alignment's statistics: never sent down
 

@@ -101,7 +101,7 @@ def basis_release(arrays: dict[str, np.ndarray], threshold: float, fallback_rank
     directly, or the top eigenvectors (to ``threshold`` energy) of ``cov.task_key``, exactly as the
     server's covariance merge would compute them from that one client; when noise leaves that
     rule nothing (e.g. a negative noisy trace), the attacker takes the top ``fallback_rank``."""
-    from fedcl.subspace import merge_covariance
+    from fedcl.aggregation.subspace import merge_covariance
 
     if "U.task_key" in arrays:
         return np.asarray(arrays["U.task_key"], dtype=np.float64)

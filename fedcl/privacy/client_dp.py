@@ -22,10 +22,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedcl.experiment import derive_seed
 from fedcl.methods.base import head_row_references
 from fedcl.privacy.accounting import ClientAccount, add_step, epsilon_of
 from fedcl.privacy.settings import PrivacySettings, privacy_settings
+from fedcl.seeding import derive_seed
 
 NOISE_TAG, COIN_TAG = 61, 67  # keep the privacy RNG streams apart from training's
 

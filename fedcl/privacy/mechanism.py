@@ -9,12 +9,15 @@ leaves the client is clipped and noised (``privatize_payload``).
 """
 from __future__ import annotations
 
-from fedcl.federation.hooks import ClientHook, ServerCallback
+from fedcl.hooks import ClientHook, ServerCallback
 from fedcl.privacy.client_dp import begin_round, privatize_payload
 from fedcl.privacy.ledger import PrivacyLedger
+from fedcl.privacy.settings import PrivacyConfig
 
 
 class Privacy:
+    settings = PrivacyConfig  # the keys of its yaml, typed (checked by fedcl.config before anything starts)
+
     def __init__(self, cfg):
         self.cfg = cfg
 
@@ -36,11 +39,11 @@ class PrivacyServer(ServerCallback):
     def on_reply(self, plan, client, content):
         self.ledger.observe(plan.task, content)
 
-    def on_round_end(self, strategy, plan, row):
-        return self.ledger.end_round(plan.task)
+    def on_round_end(self, report):
+        return self.ledger.end_round(report.plan.task)
 
-    def on_run_end(self, strategy, results):
-        privacy = self.ledger.results(strategy.experiment, strategy.state.global_arrays)
+    def on_run_end(self, end, results):
+        privacy = self.ledger.results(end.experiment, dict(end.global_arrays))
         if privacy is not None:
             results["privacy"] = privacy
 

@@ -13,6 +13,7 @@ derive the same sigma from the config alone.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import math
 from dataclasses import dataclass
@@ -22,8 +23,37 @@ from omegaconf import DictConfig, OmegaConf
 from fedcl.errors import ConfigError
 from fedcl.privacy.accounting import epsilon_of
 
-MODES = ("none", "client_dp", "dp_sgd")
 BASES = ("raw", "noisy_covariance")
+
+
+@dataclass(frozen=True)
+class DpSgdSettings:
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    target_epsilon: float | None = None
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """The keys of ``conf/privacy/client_dp.yaml`` (and ``dp_sgd.yaml``) with their types: what
+    ``fedcl.privacy.mechanism.Privacy`` reads (``Privacy.settings``)."""
+
+    clip_norm: float = 1.0
+    noise_multiplier: float | None = 1.0
+    target_epsilon: float | None = None
+    sample_rate: float = 1.0
+    groups: list | None = None
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    start_task: int = 0
+    bases: str = "raw"
+    basis_noise_multiplier: float = 1.0
+    uniform_weights: bool = True
+    client_level: bool = True
+    local_dp_sgd: bool = False
+    dp_sgd: DpSgdSettings | None = None
+    audit: bool = True
+    audit_max_clients: int = 20
 
 
 @dataclass(frozen=True)
@@ -62,20 +92,32 @@ class PrivacySettings:
 
 
 def privacy_settings(cfg: DictConfig) -> PrivacySettings:
-    """Settings of a run (cached per config content: the client calls this on every message)."""
+    """Settings of a run (cached per config content: the client calls this on every message).
+    Enabled where ``privacy.mechanism`` is fedcl's own ``Privacy``; another mechanism class reads
+    its own settings."""
     p = cfg.get("privacy", None)
-    if p is None or str(p.get("name", "none")) == "none":
+    if p is None or not reads_these_settings(p.get("mechanism", None)):
         return PrivacySettings(enabled=False)
     return _settings(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=8)
+def reads_these_settings(mechanism: str | None) -> bool:
+    """Is ``mechanism`` (a class path) one whose yaml is a ``PrivacyConfig``, i.e. fedcl's own DP?"""
+    if not mechanism:
+        return False
+    module, _, name = str(mechanism).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False  # fedcl.config names the class path that does not import
+    return getattr(cls, "settings", None) is PrivacyConfig
 
 
 @functools.lru_cache(maxsize=8)
 def _settings(key: str) -> PrivacySettings:
     cfg = OmegaConf.create(json.loads(key))
     p = cfg.privacy
-    name = str(p.name)
-    if name not in MODES:
-        raise ConfigError(f"privacy={name!r} is unknown. Choose one of {list(MODES)}.")
     n = int(cfg.num_clients)
     clip, delta = float(p.clip_norm), float(p.delta)
     if not clip > 0:
