@@ -54,14 +54,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def markdown(summary: dict, seeds: list[int]) -> str:
-    head = "| method | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |"
-    lines = [head, "|" + " --- |" * (len(COLUMNS) + 1)]
+def markdown(summary: dict) -> str:
+    head = "| method | " + " | ".join(h for _, h, _, _ in COLUMNS) + " | seeds |"
+    lines = [head, "|" + " --- |" * (len(COLUMNS) + 2)]
     for label, cols in summary.items():
         cells = [f"{scale * m:.{d}f} ± {scale * s:.{d}f}" for (key, _, scale, d) in COLUMNS
                  for m, s in [cols[key]]]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append(f"\nmean ± std over seeds {', '.join(map(str, seeds))}")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {', '.join(map(str, cols['seeds']))} |")
+    lines.append("\nmean ± std over the seeds of each row (sample std; 0 with one seed)")
     return "\n".join(lines)
 
 
@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--methods", default="finetune,replay,joint")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="outputs/results_table")
+    parser.add_argument("--existing", action="store_true",
+                        help="summarise the runs already in --out, start none (a row names the seeds it has)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -78,12 +80,17 @@ def main() -> None:
     for label, extra in parse_methods(args.methods):
         runs[label] = {}
         for seed in seeds:
-            res = run_fedcl([*args.overrides, *extra, f"seed={seed}"], out / label / f"seed{seed}", reuse=True)
+            run_dir = out / label / f"seed{seed}"
+            if args.existing and not (run_dir / "results.json").exists():
+                continue
+            res = run_fedcl([*args.overrides, *extra, f"seed={seed}"], run_dir, reuse=True)
             runs[label][seed] = figures(res)
             print(f"{label} seed {seed}: final {100 * res['final_average_accuracy']:.1f}%  "
                   f"({res['wall_time_s']:.0f} s)", flush=True)
-        summary[label] = {key: mean_std([runs[label][s][key] for s in seeds]) for key, _, _, _ in COLUMNS}
-    table = markdown(summary, seeds)
+        if runs[label]:
+            summary[label] = {key: mean_std([r[key] for r in runs[label].values()]) for key, _, _, _ in COLUMNS}
+            summary[label]["seeds"] = sorted(runs[label])
+    table = markdown(summary)
     print("\n" + table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table + "\n")
