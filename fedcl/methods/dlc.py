@@ -157,9 +157,9 @@ class DLC(Method):
         current_holdout, holdout = self.holdout(ctx, state)
         if ctx.phase == "calibrate":
             return self.count_correct(model, holdout, ctx, state)
-        held = set(holdout.tolist())
         rows = np.setdiff1d(ctx.task_rows(ctx.task), current_holdout)
-        memory = np.array([r for r in self.base.memory(ctx, state) if r not in held], np.int64)
+        memory = self.base.memory(ctx, state)
+        memory = memory[~np.isin(memory, holdout)]
         if not len(rows):
             return 0
         if ctx.phase == "plugin":
