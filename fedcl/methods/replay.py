@@ -14,7 +14,6 @@ A task's rows join the memory when the client first trains after that task.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import nn
 
 from fedcl.methods.base import ClientRound, Method, fit
@@ -62,17 +61,9 @@ class Replay(Method):
             mem["tasks"] = t + 1
         return mem["rows"]
 
-    def training_rows(self, ctx: ClientRound, state: dict) -> np.ndarray:
-        """Every row a round trains on: the current task's and the memory's."""
-        return np.concatenate([ctx.task_rows(ctx.task), self.memory(ctx, state)]).astype(np.int64)
-
     def client_update(self, model: nn.Module, ctx: ClientRound, state: dict) -> int:
         self.begin_round(model, ctx, state)
         rows, memory = ctx.task_rows(ctx.task), self.memory(ctx, state)
         if len(rows):
             fit(model, rows, ctx, lambda x, logits: self.extra_loss(model, x, logits, ctx, state), memory=memory)
         return int(len(rows))
-
-    def extra_loss(self, model: nn.Module, x: torch.Tensor, logits: torch.Tensor,
-                   ctx: ClientRound, state: dict) -> torch.Tensor | None:
-        return None
