@@ -1,12 +1,15 @@
 """DLC against its base and against its base given the same number of rounds (round-matched), with
 the diagnostics that say where DLC's accuracy comes from.
 
-For each setting and seed: DLC on a replay base and on an iCaRL base, and each base alone with
-``rounds_per_task`` raised by DLC's extra rounds per task (plugin + weighting + calibrate), so that a
-gain is not just more training. DLC's own run also reports its base at the same rounds (the base is
-untouched by DLC: ``base`` in the diagnostics), the plugin path alone, the plugin path's head on
-the base feature (``plugins_off``) and on each sample's own plugin (``oracle_plugin``), the weighting
-unit's task identification, the mix chosen after each task and each plugin's ||B A|| / ||W||.
+For each setting and seed: DLC on a replay base and on an iCaRL base, and each base alone given
+DLC's number of rounds (round-matched), so that a gain is not just more training: with
+``method.rounds=shared`` (the default) DLC trains beside the base in the base's own rounds, so the
+round-matched base is the base; with ``method.rounds=extra`` the base gets ``rounds_per_task`` raised
+by DLC's 3 extra rounds per task (plugin + weighting + calibrate). DLC's own run also reports its
+base at the same rounds (the base is untouched by DLC: ``base`` in the diagnostics), the plugin path
+alone, the plugin path's head on the base feature (``plugins_off``) and on each sample's own plugin
+(``oracle_plugin``), the weighting unit's task identification, the mix chosen after each task and
+each plugin's ||B A|| / ||W||.
 
     python simulations/dlc_study.py --setting synthetic16 --seeds 0,1,2 --out outputs/dlc_study
     python simulations/dlc_study.py --setting fashion_cnn --seeds 0 --fedcl   # through Flower + Ray
@@ -34,14 +37,19 @@ SETTINGS = {
     # ResNet-18 (CIFAR stem) on generated 16 px images: 20 classes, 5 tasks, 10 clients
     "synthetic16": ["model=resnet18", "dataset=synthetic", "dataset.channels=3", "dataset.num_classes=20",
                     "dataset.train_per_class=50", "dataset.image_size=16", "num_tasks=5", "num_clients=10",
-                    "local_epochs=2", "rounds_per_task=1", "method.memory_total=200"],
+                    "local_epochs=2", "rounds_per_task=2", "method.memory_total=200"],
     # the small CNN on Split Fashion-MNIST, 1,000 per class, the default schedule
     "fashion_cnn": [*FASHION, "dataset.train_per_class=1000"],
     # ResNet-18 (CIFAR stem) on Split Fashion-MNIST, 100 per class (CPU-sized)
     "fashion_resnet18": [*FASHION, "model=resnet18", "dataset.train_per_class=100", "dataset.test_per_class=200",
                          "local_epochs=2", "rounds_per_task=3", "method.memory_total=200"],
 }
-EXTRA_ROUNDS = 3  # DLC's plugin, weighting and calibrate rounds per task (the defaults)
+
+
+def extra_rounds(overrides: list[str]) -> int:
+    """DLC's rounds per task beyond the base's: none when it shares them, else plugin + weighting +
+    calibrate (the defaults)."""
+    return 3 if "method.rounds=extra" in overrides else 0
 
 
 def simulate(overrides: list[str], run_dir: Path) -> dict:
@@ -116,7 +124,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     common = [*SETTINGS[args.setting], *args.overrides]
-    matched = f"rounds_per_task={rounds(common) + EXTRA_ROUNDS}"
+    matched = f"rounds_per_task={rounds(common) + extra_rounds(common)}"
     out = args.out / args.setting
     rows = {}
     for base in args.bases.split(","):

@@ -84,25 +84,63 @@ def test_at_initialisation_dlc_predicts_what_its_base_predicts(make_cfg):
 @pytest.mark.parametrize("model_name", ["small_cnn", "resnet18"])
 def test_train_rounds_train_the_base_exactly_as_the_base_method(make_cfg, model_name):
     """DLC's train rounds are its base method's rounds: the same base, BatchNorm statistics included,
-    and no DLC part moves."""
+    and no DLC part moves. A shared round trains the same base, and DLC's parts beside it."""
     cfg = make_cfg(*SMALL, f"model={model_name}", "method.memory_total=40")
     exp = get_experiment(cfg)
-    dlc, replay, init = exp.new_model(), exp.new_model(prepared=False), exp.new_model()
-    state_dlc, state_replay = {}, {}
+    dlc, shared, replay, init = exp.new_model(), exp.new_model(), exp.new_model(prepared=False), exp.new_model()
+    state_dlc, state_shared, state_replay = {}, {}, {}
     base = Replay(memory_total=40)
     base.bind(5, exp.scenario.task_starts, cfg)
     for task in range(2):
         n = exp.method.client_update(dlc, client_round(cfg, 0, task, 0), state_dlc)
+        s = exp.method.client_update(shared, client_round(cfg, 0, task, 0, "train+plugin+weighting"), state_shared)
         m = base.client_update(replay, client_round(cfg, 0, task, 0), state_replay)
-        assert n == m > 0
-    ref = replay.state_dict()
+        assert n == s == m > 0
+    ref, parts = replay.state_dict(), shared.state_dict()
     for k, v in dlc.state_dict().items():
         if is_base(k):
             assert torch.allclose(v, ref[k.replace(".base.", ".")], atol=1e-5), k
+            assert torch.allclose(parts[k], ref[k.replace(".base.", ".")], atol=1e-5), k
         else:
             assert torch.equal(v, init.state_dict()[k]), k
+    assert not torch.equal(parts["weighting.weight"], init.state_dict()["weighting.weight"])
+    assert not torch.equal(parts["features.7.lora_B.1.weight" if model_name == "small_cnn"
+                                 else "features.layer4.0.conv1.lora_B.1.weight"], init.state_dict()[
+        "features.7.lora_B.1.weight" if model_name == "small_cnn" else "features.layer4.0.conv1.lora_B.1.weight"])
     up = exp.method.payload(dlc, client_round(cfg, 0, 1, 0))
     assert up and all(is_base(k) for k in up)
+    up = exp.method.payload(shared, client_round(cfg, 0, 1, 0, "train+plugin+weighting"))
+    assert {k for k in up if not is_base(k)} >= {"weighting.weight", "dlc_head.weight"}
+
+
+def test_a_shared_round_trains_dlc_on_the_base_as_received(make_cfg, monkeypatch):
+    """DLC's parts in a shared round train on the base the client received: however far the base's
+    own training in that round moves it, the plugin, head and weighting unit come out the same."""
+    cfg = make_cfg(*SMALL, "method.memory_total=40")
+    exp = get_experiment(cfg)
+    m = exp.method
+    train = m.base.client_update
+
+    def shared_round(shift: float):
+        def moved(model, ctx, state):
+            n = train(model, ctx, state)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if is_base(name):
+                        p.add_(shift)
+            return n
+        model, state = exp.new_model(), {}
+        m.client_update(model, client_round(cfg, 0, 0, 0), state)
+        monkeypatch.setattr(m.base, "client_update", moved)
+        m.client_update(model, client_round(cfg, 0, 1, 0, "train+plugin+weighting"), state)
+        monkeypatch.undo()
+        return model.state_dict()
+
+    near, far = shared_round(0.0), shared_round(0.5)
+    assert not torch.allclose(near["head.weight"], far["head.weight"])
+    for k, v in near.items():
+        if not is_base(k):
+            assert torch.equal(far[k], v), k
 
 
 @pytest.mark.parametrize("model_name", ["small_cnn", "resnet18"])
@@ -209,7 +247,7 @@ def test_dlc_simulation_sends_only_what_each_round_trains(tmp_path, make_cfg):
     base_keys = {k for k in exp.new_model().state_dict() if is_base(k)}
     results, log = recorded_simulation(cfg, tmp_path)
     phases = [r["phase"] for r in results["communication"]["per_round"]]
-    assert phases == ["train", "train", "plugin", "weighting", "calibrate"] * 2
+    assert phases == ["train+plugin+weighting", "train+calibrate"] * 2   # no round beyond the base's
     round_of_node = {}
     for direction, node, task, keys in log:
         if direction == "down":
@@ -219,14 +257,14 @@ def test_dlc_simulation_sends_only_what_each_round_trains(tmp_path, make_cfg):
             continue
         task, index = round_of_node[node]
         phase = phases[index]
-        if phase == "train":
-            assert keys <= base_keys and keys, sorted(keys)
-        elif phase == "plugin":
-            assert all((is_plugin(k) and plugin_task(k) == task) or k.startswith("dlc_head.") for k in keys), keys
-        elif phase == "weighting":
-            assert keys == {"weighting.weight", "weighting.bias"}
+        dlc_keys = {k for k in keys if not is_base(k)}
+        assert keys - dlc_keys <= base_keys and keys - dlc_keys, sorted(keys)   # the base, as its method sends it
+        if phase == "train+plugin+weighting":
+            assert all((is_plugin(k) and plugin_task(k) == task) or k.startswith(("dlc_head.", "weighting."))
+                       for k in dlc_keys), dlc_keys
+            assert {"weighting.weight", "weighting.bias", "dlc_head.weight"} <= dlc_keys
         else:
-            assert keys == {COUNTS}
+            assert dlc_keys == {COUNTS}
     params = results["parameters"]
     assert params["added"] == params["plugins"] + params["weighting_unit"] + params["head_rows"]
     d = results["diagnostics"]

@@ -10,25 +10,30 @@ from (1 - mix) log p_base + mix log p_path, with ``mix`` chosen by the server on
 after each task; it starts at 0 (the base's prediction) and stays there while the plugin path does
 not help.
 
-Each task t, in communication rounds:
+Each task t, in communication rounds (``method.rounds``):
 
-1. ``train`` x ``rounds_per_task``: the base method's own rounds (``method.base``: ``replay`` or
-   ``icarl``), on the bare backbone + head; nothing of DLC trains or travels. The base is the same
-   model ``method=<base>`` trains.
-2. ``plugin`` x ``plugin_rounds``: the base is frozen (its BatchNorm statistics included: the whole
-   base runs in eval mode); plugin t and ``dlc_head`` train on task t's rows paired with memory
-   batches (ER steps), cross-entropy over all seen classes of ``dlc_head(f_t)``. ``dlc_head``
-   starts each task as a copy of the base head. Plugins are aggregated by
-   ``strategy.lora_aggregation`` (``ffa``, the default here: A stays at its shared seeded initial
-   value and only B trains, so the mean of B A is exact; ``fedit`` would shrink B A when clients
-   disagree).
-3. ``weighting`` x ``weighting_rounds``: with everything else frozen, the weighting unit learns to
-   name each row's task from the plugins' representations, computed without gradient (so its loss
-   never reaches a plugin), on the client's memory plus task t's rows, each class weighted by
-   1 / its count there (class-balanced).
-4. ``calibrate``: every client counts, on its held-out rows, correct predictions for each
-   candidate mix in ``MIXES``; the server sums the counts and keeps the best mix (ties: the
-   smallest, i.e. the base).
+1. ``train``: the base method's own rounds (``method.base``: ``replay`` or ``icarl``), on the bare
+   backbone + head. The base is the same model ``method=<base>`` trains: DLC never moves it.
+2. plugin: the base is frozen (its BatchNorm statistics included: the whole base runs in eval
+   mode); plugin t and ``dlc_head`` train on task t's rows paired with memory batches (ER steps),
+   cross-entropy over all seen classes of ``dlc_head(f_t)``. ``dlc_head`` starts each task as a copy
+   of the base head. Plugins are aggregated by ``strategy.lora_aggregation`` (``ffa``, the default
+   here: A stays at its shared seeded initial value and only B trains, so the mean of B A is exact;
+   ``fedit`` would shrink B A when clients disagree).
+3. weighting: with everything else frozen, the weighting unit learns to name each row's task from
+   the plugins' representations, computed without gradient (so its loss never reaches a plugin), on
+   the client's memory plus task t's rows, each class weighted by 1 / its count there.
+4. calibrate: every client counts, on its held-out rows, correct predictions for each candidate mix
+   in ``MIXES``; the server sums the counts and keeps the best mix (ties: the smallest, i.e. the
+   base).
+
+``rounds=shared`` (the default): no round of its own. Steps 2-4 ride on the base's last two rounds
+of the task: in ``train+plugin+weighting`` a client first trains the base as its base method would
+(same data, same seeded order), then, from the base it received (frozen), the plugin, head and
+weighting unit; in ``train+calibrate`` it counts with the parts aggregated in the round before and
+trains the base. DLC then uses exactly the base's rounds: its round-matched base is the base.
+``rounds=extra``: steps 2-4 in rounds of their own after the base's (``plugin_rounds``,
+``weighting_rounds``, one calibration): 3 rounds per task more than the base.
 
 Held-out rows: ``holdout_fraction`` of each task's rows of a client never train the plugin path
 (the base does train on them: a base that looks better on them only makes the choice more
@@ -51,6 +56,7 @@ from fedcl.methods.replay import Replay, reservoir
 from fedcl.models.dlc_plugins import DLCNet, resolve_stages
 
 BASES = ("replay", "icarl")
+ROUNDS = ("shared", "extra")
 MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)  # candidate weights of the plugin path in the prediction
 COUNTS = "mix_correct"               # a calibrate reply: correct predictions per candidate mix
 TASK_MIX = "dlc_mix_by_task"         # the server's record of the mix chosen after each task
@@ -81,13 +87,17 @@ class DLC(Method):
                  kd_weight: float = 1.0, temperature: float = 2.0, stages="auto", rank: int = 2,
                  alpha: float = 4.0, plugin_rounds: int = 1, weighting_rounds: int = 1,
                  plugin_lr: float | None = None, head_lr: float = 0.005, holdout_fraction: float = 0.1,
-                 holdout_total: int = 500):
+                 holdout_total: int = 500, rounds: str = "shared"):
         super().__init__(name)
         if base not in BASES:
             raise ConfigError(f"method.base={base!r} is unknown. Choose one of {list(BASES)}.")
         self.base_name = base
         self.base = Replay(memory_total=memory_total) if base == "replay" else \
             ICaRL(memory_total=memory_total, kd_weight=kd_weight, temperature=temperature)
+        if rounds not in ROUNDS:
+            raise ConfigError(f"method.rounds={rounds!r} is unknown. Choose shared (DLC trains beside the base in "
+                              "the base's last two rounds of a task) or extra (rounds of its own after them).")
+        self.rounds = rounds
         self.stages, self.rank, self.alpha = stages, int(rank), float(alpha)
         for key, value in (("plugin_rounds", plugin_rounds), ("weighting_rounds", weighting_rounds)):
             if int(value) < 1:
@@ -146,29 +156,50 @@ class DLC(Method):
         if getattr(ctx, "dp_sgd", None) is not None:  # never train without the DP the user asked for
             raise ConfigError("privacy.local_dp_sgd=true does not support method=dlc: its plugin and weighting "
                               "rounds are not Opacus' DP-SGD. Use client-level DP (privacy=client_dp).")
-        if ctx.phase == "train":  # the base method's own round on the bare backbone + head
-            model.mode = "plain"
-            for name, p in model.named_parameters():
-                p.requires_grad_(is_base(name))
-            return self.base.client_update(model, ctx, state)
+        steps = ctx.phase.split("+")
+        if steps[0] != "train":
+            return self.train_parts(model, ctx, state, steps)
+        base_state = lambda: {k: v.clone() for k, v in model.state_dict().items() if is_base(k)}  # noqa: E731
+        received = base_state() if len(steps) > 1 else None
+        n = self.train_base(model, ctx, state)
+        if received is not None:  # a shared round: DLC's parts train on the base as received, frozen
+            trained = base_state()
+            model.load_state_dict(received, strict=False)
+            self.train_parts(model, ctx, state, steps[1:])
+            model.load_state_dict(trained, strict=False)
+        return n
+
+    def train_base(self, model: DLCNet, ctx: ClientRound, state: dict) -> int:
+        """The base method's own round on the bare backbone + head (what ``method=<base>`` does)."""
+        model.mode = "plain"
+        for name, p in model.named_parameters():
+            p.requires_grad_(is_base(name))
+        return self.base.client_update(model, ctx, state)
+
+    def train_parts(self, model: DLCNet, ctx: ClientRound, state: dict, steps: list[str]) -> int:
+        """DLC's own steps of a round, in order, with the base frozen (BatchNorm statistics included)."""
         model.requires_grad_(False)
-        model.eval()  # the base is frozen, BatchNorm statistics included
+        model.eval()
         model.tasks_in_use = ctx.task + 1
         current_holdout, holdout = self.holdout(ctx, state)
-        if ctx.phase == "calibrate":
-            return self.count_correct(model, holdout, ctx, state)
         rows = np.setdiff1d(ctx.task_rows(ctx.task), current_holdout)
         memory = self.base.memory(ctx, state)
         memory = memory[~np.isin(memory, holdout)]
-        if not len(rows):
-            return 0
-        if ctx.phase == "plugin":
-            self.train_plugin(model, np.concatenate([rows, memory]), ctx)
-        elif ctx.phase == "weighting":
-            self.train_weighting(model, np.concatenate([rows, memory]), ctx)
-        else:
-            raise ValueError(f"DLC has no phase {ctx.phase!r}")
-        return int(len(rows))
+        n = 0
+        for step in steps:
+            if step == "calibrate":
+                n = self.count_correct(model, holdout, ctx, state)
+            elif step not in ("plugin", "weighting"):
+                raise ValueError(f"DLC has no phase {ctx.phase!r}")
+            elif len(rows):
+                if step == "plugin":
+                    if self.rounds == "shared":  # the path's head starts from the base head it shares a round with
+                        model.dlc_head.load_state_dict(model.head.state_dict())
+                    self.train_plugin(model, np.concatenate([rows, memory]), ctx)
+                else:
+                    self.train_weighting(model, np.concatenate([rows, memory]), ctx)
+                n = int(len(rows))
+        return n
 
     def train_plugin(self, model: DLCNet, rows: np.ndarray, ctx: ClientRound) -> None:
         """Plugin t and the plugin path's head against the frozen base, on the task's rows and the
@@ -231,19 +262,29 @@ class DLC(Method):
 
     # ---- wire --------------------------------------------------------------------------
     def payload(self, model: DLCNet, ctx: ClientRound | None = None) -> dict[str, torch.Tensor]:
-        state = model.state_dict()
-        if ctx.phase == "train":
-            # 0-d arrays (BatchNorm's num_batches_tracked, unused with a momentum) stay home
-            return {k: v for k, v in state.items() if is_base(k) and v.dim()}
-        if ctx.phase == "plugin":
-            return {k: v for k, v in state.items() if k.startswith("dlc_head.") or (
-                is_plugin(k) and plugin_task(k) == ctx.task and (".lora_B." in k or self.lora_aggregation != "ffa"))}
-        if ctx.phase == "weighting":
-            return {k: v for k, v in state.items() if k.startswith("weighting.")}
-        return {COUNTS: torch.from_numpy(model.mix_counts)}
+        state, up = model.state_dict(), {}
+        for step in ctx.phase.split("+"):
+            if step == "train":
+                # 0-d arrays (BatchNorm's num_batches_tracked, unused with a momentum) stay home
+                up.update({k: v for k, v in state.items() if is_base(k) and v.dim()})
+            elif step == "plugin":
+                sent = lambda k: ".lora_B." in k or self.lora_aggregation != "ffa"  # noqa: E731 (ffa: A stays)
+                up.update({k: v for k, v in state.items() if k.startswith("dlc_head.") or (
+                    is_plugin(k) and plugin_task(k) == ctx.task and sent(k))})
+            elif step == "weighting":
+                up.update({k: v for k, v in state.items() if k.startswith("weighting.")})
+            else:
+                up[COUNTS] = torch.from_numpy(model.mix_counts)
+        return up
 
     # ---- server side ---------------------------------------------------------------------
     def phases(self, task: int, rounds: int) -> list[str]:
+        if self.rounds == "shared":
+            if rounds < 2:
+                raise ConfigError(f"method=dlc with method.rounds=shared needs rounds_per_task >= 2 (it is {rounds}): "
+                                  "DLC's plugin and calibration ride on the base's last two rounds of a task. Raise "
+                                  "rounds_per_task or set method.rounds=extra.")
+            return ["train"] * (rounds - 2) + ["train+plugin+weighting", "train+calibrate"]
         return ["train"] * rounds + ["plugin"] * self.plugin_rounds + ["weighting"] * self.weighting_rounds + \
             ["calibrate"]
 
@@ -255,11 +296,14 @@ class DLC(Method):
 
     def aggregate(self, global_arrays, replies, task, phase, rule: AggregationRule = MEAN):
         g = dict(global_arrays)
-        if phase == "train":
-            g.update(weighted_mean(replies, rule))
-            g["dlc_head.weight"], g["dlc_head.bias"] = g["head.weight"], g["head.bias"]  # the path's head starts here
-            return g
-        if phase == "calibrate":  # counts add up over clients; ties go to the smaller mix (the base)
+        steps = phase.split("+")
+        if steps[0] == "train":
+            g.update(weighted_mean([({k: v for k, v in r.items() if is_base(k)}, n) for r, n in replies], rule))
+            if len(steps) == 1:  # the path's head starts from the base head (rounds=extra)
+                g["dlc_head.weight"], g["dlc_head.bias"] = g["head.weight"], g["head.bias"]
+                return g
+            replies = [({k: v for k, v in r.items() if not is_base(k)}, n) for r, n in replies]
+        if "calibrate" in steps:  # counts add up over clients; ties go to the smaller mix (the base)
             correct = np.sum([r[COUNTS] for r, _ in replies], axis=0)
             lam = float(MIXES[int(np.argmax(correct))])
             g["mix"] = np.array([lam], np.float32)
