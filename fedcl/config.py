@@ -26,10 +26,10 @@ DEVICES = ("auto", "cpu", "cuda")
 TYPES = {
     **dict.fromkeys(["seed", "num_clients", "num_tasks", "rounds_per_task", "local_epochs", "batch_size",
                      "dataset.channels", "dataset.num_classes",
-                     "model.width", "model.depth", "model.embed_dim", "model.num_heads", "model.patch_size",
+                     "model.width", "model.depth", "model.embed_dim", "model.num_heads",
                      "model.stem_channels", "model.grid", "partition.shards_per_client"], "int"),
     **dict.fromkeys(["dataset.image_size", "dataset.max_size", "dataset.train_per_class", "dataset.test_per_class",
-                     "ray.num_cpus",
+                     "model.patch_size", "ray.num_cpus",
                      "scenario.base_classes"], "int?"),
     **dict.fromkeys(["lr", "momentum", "weight_decay", "fraction_train", "ray.client_cpus", "ray.client_gpus",
                      "round_timeout_s", "faults.crash", "faults.dropout", "faults.straggle",

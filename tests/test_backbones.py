@@ -193,7 +193,7 @@ def test_validate_names_bad_model_and_input_settings(make_cfg):
     with pytest.raises(ConfigError, match="dataset.image_size=.?big"):
         config.validate(make_cfg("dataset.image_size=big"))
     with pytest.raises(ConfigError, match="33 px inputs.*2x2"):
-        config.validate(make_cfg("model=vit", "dataset.image_size=33"))
+        config.validate(make_cfg("model=vit", "model.patch_size=2", "dataset.image_size=33"))
     with pytest.raises(ConfigError, match="dataset.normalize='imagnet'"):
         config.validate(make_cfg("dataset.normalize=imagnet"))
     with pytest.raises(ConfigError, match="model.stem='imagenett'.*cifar"):
@@ -222,3 +222,14 @@ def test_big_vision_npz_goes_to_timms_loader_and_fails_clearly(tmp_path):
                                   "stem": "patch", "checkpoint": str(tmp_path / "bv.npz")})
     with pytest.raises(ConfigError, match="does not fit this model"):  # timm's loader misses the other arrays
         build_model(small_vit, 3, 10, image_size=32)
+
+
+def test_the_small_vit_picks_a_patch_that_leaves_at_most_8x8_tokens():
+    """model.patch_size=null: 2 on 8 px digits (as before), 4 on 28 px images (49 tokens, not 196)."""
+    from fedcl.models.backbones import vit_patch_size
+
+    auto = OmegaConf.create({"name": "vit", "patch_size": None, "embed_dim": 32, "depth": 1, "num_heads": 2})
+    assert [vit_patch_size(auto, s) for s in (8, 16, 28, 32)] == [2, 2, 4, 4]
+    assert vit_patch_size(OmegaConf.merge(auto, {"patch_size": 7}), 28) == 7
+    net = build_model(auto, 1, 10, 28)
+    assert net.features.patch_embed.num_patches == 49
