@@ -203,15 +203,24 @@ def test_weighting_round_pulls_weight_to_the_samples_task(make_cfg):
     assert target_weight() > 0.6
 
 
-def test_calibration_picks_the_mix_with_most_held_out_hits_and_prefers_the_base(make_cfg):
+def test_calibration_picks_the_mix_with_the_best_mean_over_tasks_and_prefers_the_base(make_cfg):
     cfg = make_cfg(*SMALL)
     exp = get_experiment(cfg)
     m = exp.method
     g = m.init_global(exp.new_model())
-    better = m.aggregate(g, [({COUNTS: np.array([5, 6, 9, 7, 2], np.float32)}, 10),
-                             ({COUNTS: np.array([5, 5, 1, 9, 2], np.float32)}, 10)], 1, "calibrate")
-    assert float(better["mix"][0]) == 0.75 and better["dlc_mix_by_task"][1] == 0.75
-    tie = m.aggregate(g, [({COUNTS: np.array([7, 7, 7, 7, 7], np.float32)}, 10)], 2, "calibrate")
+
+    def counts(per_task):  # {task: (correct per mix, rows)}
+        c = np.zeros((5, 6), np.float32)
+        for t, (correct, rows) in per_task.items():
+            c[t, :5], c[t, 5] = correct, rows
+        return c
+
+    # pooled, mix 0 wins (90 + 5 hits of 110); per task, mix 1 (0.8 + 0.5 against 0.9 + 0.05)
+    better = m.aggregate(g, [({COUNTS: counts({0: ([90, 85, 80, 80, 80], 100)})}, 10),
+                             ({COUNTS: counts({1: ([0.5, 2, 3, 4, 5], 10)})}, 10)], 1, "calibrate")
+    assert float(better["mix"][0]) == 1.0 and better["dlc_mix_by_task"][1] == 1.0
+    tie = m.aggregate(g, [({COUNTS: counts({0: ([7, 7, 7, 7, 7], 9), 2: ([1, 1, 1, 1, 1], 3)})}, 10)], 2,
+                      "calibrate")
     assert float(tie["mix"][0]) == 0.0
     # a client's calibrate round counts over its held-out rows, which no plugin round trained on
     model, state = exp.new_model(), {}
@@ -219,8 +228,10 @@ def test_calibration_picks_the_mix_with_most_held_out_hits_and_prefers_the_base(
     n = m.client_update(model, ctx, state)
     current, held = m.holdout(ctx, state)
     assert n == len(held) > 0 and np.isin(current, exp.scenario.client_indices[1][0]).all()
-    counts = m.payload(model, ctx)[COUNTS].numpy()
-    assert counts.shape == (5,) and counts.max() <= n and counts[0] == counts[-1]  # at init: the same predictions
+    c = m.payload(model, ctx)[COUNTS].numpy()
+    assert c.shape == (5, 6) and c[:, 5].sum() == n and c[2:].sum() == 0     # tasks 0 and 1 only
+    assert c[:, 5][1] == len(current) and (c[:, :5] <= c[:, 5:]).all()
+    assert (c[:, 0] == c[:, 4]).all()                                       # at init: the same predictions
 
 
 def test_config_errors_are_clear(make_cfg):

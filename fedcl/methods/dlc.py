@@ -23,9 +23,10 @@ Each task t, in communication rounds (``method.rounds``):
 3. weighting: with everything else frozen, the weighting unit learns to name each row's task from
    the plugins' representations, computed without gradient (so its loss never reaches a plugin), on
    the client's memory plus task t's rows, each class weighted by 1 / its count there.
-4. calibrate: every client counts, on its held-out rows, correct predictions for each candidate mix
-   in ``MIXES``; the server sums the counts and keeps the best mix (ties: the smallest, i.e. the
-   base).
+4. calibrate: every client counts, on its held-out rows, correct predictions of each task for each
+   candidate mix in ``MIXES``; the server sums the counts and keeps the mix with the best mean over
+   tasks of held-out accuracy, the quantity the final average accuracy measures (ties: the
+   smallest, i.e. the base).
 
 ``rounds=shared`` (the default): no round of its own. Steps 2-4 ride on the base's last two rounds
 of the task: in ``train+plugin+weighting`` a client first trains the base as its base method would
@@ -58,7 +59,7 @@ from fedcl.models.dlc_plugins import DLCNet, resolve_stages
 BASES = ("replay", "icarl")
 ROUNDS = ("shared", "extra")
 MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)  # candidate weights of the plugin path in the prediction
-COUNTS = "mix_correct"               # a calibrate reply: correct predictions per candidate mix
+COUNTS = "mix_correct"               # a calibrate reply: per task, correct rows per candidate mix, and rows
 TASK_MIX = "dlc_mix_by_task"         # the server's record of the mix chosen after each task
 
 
@@ -246,18 +247,22 @@ class DLC(Method):
 
     @torch.no_grad()
     def count_correct(self, model: DLCNet, rows: np.ndarray, ctx: ClientRound, state: dict) -> int:
-        """Correct predictions on the held-out rows for every candidate mix (kept for ``payload``)."""
-        correct = np.zeros(len(MIXES), np.float32)
+        """Per task, correct predictions on the held-out rows for every candidate mix, and the rows
+        (a (tasks, mixes + 1) array kept for ``payload``)."""
+        counts = np.zeros((self.num_tasks, len(MIXES) + 1), np.float32)
         seen = ctx.seen_classes
         for start in range(0, len(rows), 256):
             batch = rows[start:start + 256]
             x, y = ctx.images(batch), ctx.labels(batch)
+            task = self.task_of(y).cpu().numpy()
             h = model.shallow(x)
             base = torch.log_softmax(model.head(model.deep(h, None))[:, :seen], 1)
             path = torch.log_softmax(model.plugin_path(model.representations(x, h=h))[:, :seen], 1)
             for i, lam in enumerate(MIXES):
-                correct[i] += float((((1 - lam) * base + lam * path).argmax(1) == y).sum())
-        model.mix_counts = correct  # what this round's reply carries
+                hit = (((1 - lam) * base + lam * path).argmax(1) == y).cpu().numpy()
+                np.add.at(counts[:, i], task, hit.astype(np.float32))
+            np.add.at(counts[:, -1], task, 1.0)
+        model.mix_counts = counts  # what this round's reply carries
         return int(len(rows))
 
     # ---- wire --------------------------------------------------------------------------
@@ -304,8 +309,7 @@ class DLC(Method):
                 return g
             replies = [({k: v for k, v in r.items() if not is_base(k)}, n) for r, n in replies]
         if "calibrate" in steps:  # counts add up over clients; ties go to the smaller mix (the base)
-            correct = np.sum([r[COUNTS] for r, _ in replies], axis=0)
-            lam = float(MIXES[int(np.argmax(correct))])
+            lam = best_mix(np.sum([r[COUNTS] for r, _ in replies], axis=0))
             g["mix"] = np.array([lam], np.float32)
             by_task = np.array(g[TASK_MIX], np.float32)
             by_task[task] = lam
@@ -391,6 +395,17 @@ class DLC(Method):
                 "plugins": plugins, "weighting_unit": weighting, "head_rows": head,
                 "plugins_and_weighting_fraction": (plugins + weighting) / backbone,
                 "plugin_layers": list(model.plugin_layers)}
+
+
+def best_mix(counts: np.ndarray) -> float:
+    """The mix with the best mean over tasks of held-out accuracy (the metric weighs every task the
+    same, while held-out rows of the current task outnumber each old task's); ties go to the
+    smaller mix, towards the base. ``counts``: per task, correct rows per mix and the rows."""
+    held = counts[:, -1] > 0
+    if not held.any():
+        return 0.0
+    score = (counts[held, :-1] / counts[held, -1:]).mean(axis=0)
+    return float(MIXES[int(np.flatnonzero(score >= score.max() - 1e-9)[0])])
 
 
 def balanced_weights(rows: np.ndarray, ctx: ClientRound) -> torch.Tensor:
