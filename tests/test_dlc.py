@@ -8,7 +8,7 @@ import torch
 from fedcl.errors import ConfigError
 from fedcl.experiment import get_experiment
 from fedcl.federation.client_app import client_round
-from fedcl.methods.dlc import COUNTS, DLC, is_base, is_plugin, plugin_task
+from fedcl.methods.dlc import COUNTS, DLC, MIXES, is_base, is_plugin, plugin_task
 from fedcl.methods.replay import Replay
 from fedcl.models.backbones import build_model
 from fedcl.models.dlc_plugins import PluginLayer
@@ -203,35 +203,37 @@ def test_weighting_round_pulls_weight_to_the_samples_task(make_cfg):
     assert target_weight() > 0.6
 
 
-def test_calibration_picks_the_mix_with_the_best_mean_over_tasks_and_prefers_the_base(make_cfg):
+def test_calibration_picks_the_mix_with_the_lowest_held_out_loss_over_tasks_and_prefers_the_base(make_cfg):
     cfg = make_cfg(*SMALL)
     exp = get_experiment(cfg)
     m = exp.method
     g = m.init_global(exp.new_model())
+    k = len(MIXES)
 
-    def counts(per_task):  # {task: (correct per mix, rows)}
-        c = np.zeros((5, 6), np.float32)
-        for t, (correct, rows) in per_task.items():
-            c[t, :5], c[t, 5] = correct, rows
+    def scores(per_task):  # {task: (summed NLL per mix, rows)}
+        c = np.zeros((5, 2 * k + 1), np.float32)
+        for t, (nll, rows) in per_task.items():
+            c[t, :k], c[t, -1] = nll, rows
         return c
 
-    # pooled, mix 0 wins (90 + 5 hits of 110); per task, mix 1 (0.8 + 0.5 against 0.9 + 0.05)
-    better = m.aggregate(g, [({COUNTS: counts({0: ([90, 85, 80, 80, 80], 100)})}, 10),
-                             ({COUNTS: counts({1: ([0.5, 2, 3, 4, 5], 10)})}, 10)], 1, "calibrate")
+    # pooled, mix 0 has the lowest loss (many rows of task 0); per task, mix 1 (0.2 + 0.1 against 0.1 + 1)
+    lin = np.linspace(0, 1, k)
+    better = m.aggregate(g, [({COUNTS: scores({0: (100 * (0.1 + 0.1 * lin), 100)})}, 10),
+                             ({COUNTS: scores({1: (10 * (1 - 0.9 * lin), 10)})}, 10)], 1, "calibrate")
     assert float(better["mix"][0]) == 1.0 and better["dlc_mix_by_task"][1] == 1.0
-    tie = m.aggregate(g, [({COUNTS: counts({0: ([7, 7, 7, 7, 7], 9), 2: ([1, 1, 1, 1, 1], 3)})}, 10)], 2,
+    tie = m.aggregate(g, [({COUNTS: scores({0: (np.full(k, 3.0), 9), 2: (np.full(k, 1.0), 3)})}, 10)], 2,
                       "calibrate")
     assert float(tie["mix"][0]) == 0.0
-    # a client's calibrate round counts over its held-out rows, which no plugin round trained on
+    # a client's calibrate round scores its held-out rows, which no plugin round trained on
     model, state = exp.new_model(), {}
     ctx = client_round(cfg, 0, 1, 0, "calibrate")
     n = m.client_update(model, ctx, state)
     current, held = m.holdout(ctx, state)
     assert n == len(held) > 0 and np.isin(current, exp.scenario.client_indices[1][0]).all()
     c = m.payload(model, ctx)[COUNTS].numpy()
-    assert c.shape == (5, 6) and c[:, 5].sum() == n and c[2:].sum() == 0     # tasks 0 and 1 only
-    assert c[:, 5][1] == len(current) and (c[:, :5] <= c[:, 5:]).all()
-    assert (c[:, 0] == c[:, 4]).all()                                       # at init: the same predictions
+    assert c.shape == (5, 2 * k + 1) and c[:, -1].sum() == n and c[2:].sum() == 0     # tasks 0 and 1 only
+    assert c[1, -1] == len(current) and (c[:, k:-1] <= c[:, -1:]).all() and (c[:2, :k] > 0).all()
+    assert np.allclose(c[:, 0], c[:, k - 1]) and (c[:, k] == c[:, 2 * k - 1]).all()  # at init: the same predictions
 
 
 def test_config_errors_are_clear(make_cfg):

@@ -23,10 +23,10 @@ Each task t, in communication rounds (``method.rounds``):
 3. weighting: with everything else frozen, the weighting unit learns to name each row's task from
    the plugins' representations, computed without gradient (so its loss never reaches a plugin), on
    the client's memory plus task t's rows, each class weighted by 1 / its count there.
-4. calibrate: every client counts, on its held-out rows, correct predictions of each task for each
-   candidate mix in ``MIXES``; the server sums the counts and keeps the mix with the best mean over
-   tasks of held-out accuracy, the quantity the final average accuracy measures (ties: the
-   smallest, i.e. the base).
+4. calibrate: every client scores, on its held-out rows of each task, each candidate mix in
+   ``MIXES`` (negative log-likelihood of the mixed prediction, and hits); the server sums the scores
+   and keeps the mix with the lowest mean over tasks of held-out NLL (ties: the smallest, i.e. the
+   base).
 
 ``rounds=shared`` (the default): no round of its own. Steps 2-4 ride on the base's last two rounds
 of the task: in ``train+plugin+weighting`` a client first trains the base as its base method would
@@ -58,8 +58,8 @@ from fedcl.models.dlc_plugins import DLCNet, resolve_stages
 
 BASES = ("replay", "icarl")
 ROUNDS = ("shared", "extra")
-MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)  # candidate weights of the plugin path in the prediction
-COUNTS = "mix_correct"               # a calibrate reply: per task, correct rows per candidate mix, and rows
+MIXES = tuple(i / 10 for i in range(11))  # candidate weights of the plugin path in the prediction
+COUNTS = "mix_scores"                # a calibrate reply: per task, NLL and hits per candidate mix, and rows
 TASK_MIX = "dlc_mix_by_task"         # the server's record of the mix chosen after each task
 
 
@@ -247,9 +247,11 @@ class DLC(Method):
 
     @torch.no_grad()
     def count_correct(self, model: DLCNet, rows: np.ndarray, ctx: ClientRound, state: dict) -> int:
-        """Per task, correct predictions on the held-out rows for every candidate mix, and the rows
-        (a (tasks, mixes + 1) array kept for ``payload``)."""
-        counts = np.zeros((self.num_tasks, len(MIXES) + 1), np.float32)
+        """Per task, on the held-out rows, for every candidate mix: the summed negative log-likelihood
+        of the mixed prediction and the correct predictions; and the rows. A (tasks, 2 mixes + 1)
+        array kept for ``payload``."""
+        k = len(MIXES)
+        counts = np.zeros((self.num_tasks, 2 * k + 1), np.float32)
         seen = ctx.seen_classes
         for start in range(0, len(rows), 256):
             batch = rows[start:start + 256]
@@ -259,8 +261,10 @@ class DLC(Method):
             base = torch.log_softmax(model.head(model.deep(h, None))[:, :seen], 1)
             path = torch.log_softmax(model.plugin_path(model.representations(x, h=h))[:, :seen], 1)
             for i, lam in enumerate(MIXES):
-                hit = (((1 - lam) * base + lam * path).argmax(1) == y).cpu().numpy()
-                np.add.at(counts[:, i], task, hit.astype(np.float32))
+                mixed = torch.log_softmax((1 - lam) * base + lam * path, 1)
+                nll = -mixed[torch.arange(len(y)), y]
+                np.add.at(counts[:, i], task, nll.float().cpu().numpy())
+                np.add.at(counts[:, k + i], task, (mixed.argmax(1) == y).float().cpu().numpy())
             np.add.at(counts[:, -1], task, 1.0)
         model.mix_counts = counts  # what this round's reply carries
         return int(len(rows))
@@ -398,14 +402,17 @@ class DLC(Method):
 
 
 def best_mix(counts: np.ndarray) -> float:
-    """The mix with the best mean over tasks of held-out accuracy (the metric weighs every task the
-    same, while held-out rows of the current task outnumber each old task's); ties go to the
-    smaller mix, towards the base. ``counts``: per task, correct rows per mix and the rows."""
+    """The mix with the lowest held-out negative log-likelihood, averaged over tasks (the metric
+    weighs every task the same, while held-out rows of the current task outnumber each old task's).
+    Likelihood, as temperature scaling fits its one parameter (Guo et al., 2017): on a few hundred
+    rows accuracy moves by whole rows and picks at random among near ties. Ties go to the smaller
+    mix, towards the base. ``counts``: per task, summed NLL per mix, correct rows per mix, rows."""
     held = counts[:, -1] > 0
     if not held.any():
         return 0.0
-    score = (counts[held, :-1] / counts[held, -1:]).mean(axis=0)
-    return float(MIXES[int(np.flatnonzero(score >= score.max() - 1e-9)[0])])
+    k = len(MIXES)
+    loss = (counts[held, :k] / counts[held, -1:]).mean(axis=0)
+    return float(MIXES[int(np.flatnonzero(loss <= loss.min() + 1e-9)[0])])
 
 
 def balanced_weights(rows: np.ndarray, ctx: ClientRound) -> torch.Tensor:
