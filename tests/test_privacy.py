@@ -101,8 +101,8 @@ def test_clipping_bounds_the_update_norm():
 
 
 def test_a_real_client_update_leaves_the_client_clipped_and_noised(make_cfg):
+    from fedcl.client.app import client_round
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
 
     clip = 0.5
     cfg = make_cfg(*TINY, *DUAL, "privacy=client_dp", f"privacy.clip_norm={clip}", "privacy.noise_multiplier=0.0")
@@ -149,8 +149,8 @@ def test_client_refuses_to_train_once_its_own_budget_is_spent(make_cfg):
 def test_audit_auc_drops_toward_half_as_noise_grows(make_cfg):
     """A small real run: one client over-fits its few digits; the server sees its update after
     clipping and noise. The loss-threshold attack's AUC falls to ~0.5 as the noise grows."""
+    from fedcl.client.app import client_round
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
     from fedcl.privacy.audit import audit_client
 
     base = ("method=finetune", "num_clients=20", "num_tasks=1", "local_epochs=25", "partition=iid",
@@ -241,8 +241,8 @@ def test_local_dp_sgd_trains_every_trainable_parameter_and_accounts_like_opacus(
 
     import torch
 
+    from fedcl.client.app import client_round
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
     from fedcl.privacy.client_dp import begin_round
 
     cfg = make_cfg(*TINY, "method=finetune", "privacy=dp_sgd", "privacy.dp_sgd.noise_multiplier=1.1",
@@ -288,8 +288,8 @@ def test_functorch_per_sample_gradients_of_duallora_equal_one_backward_per_sampl
     import torch
     import torch.nn.functional as F
 
+    from fedcl.client.app import client_round
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
     from fedcl.privacy.dp_sgd import functorch_grad_samples, hooks_cover
 
     cfg = make_cfg(*TINY, *DUAL)
@@ -316,8 +316,8 @@ def test_functorch_per_sample_gradients_of_duallora_equal_one_backward_per_sampl
 def test_local_dp_sgd_on_duallora_trains_only_the_current_lora_parameters(make_cfg):
     import math
 
+    from fedcl.client.app import client_round
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
     from fedcl.privacy.client_dp import begin_round
 
     cfg = make_cfg(*TINY, *DUAL, "privacy=dp_sgd", "privacy.dp_sgd.noise_multiplier=1.1", "batch_size=16",
@@ -352,8 +352,8 @@ def test_cli_rejects_a_bad_privacy_config_without_traceback(tmp_path):
 def test_every_trained_array_a_lora_method_sends_is_clipped_and_noised(make_cfg, method):
     """In an adapter round nothing trained leaves the client raw: adapters, weighting unit and
     head rows are all deltas of what the server sent."""
+    from fedcl.client.app import client_round
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
 
     extra = DUAL if method == "duallora" else ("method=dlc",)
     cfg = make_cfg(*TINY, *extra, "privacy=client_dp", "privacy.noise_multiplier=0.0", "privacy.clip_norm=1e-3")

@@ -13,12 +13,12 @@ import torch
 from fedcl.aggregation.lora import aggregate_lora
 from fedcl.aggregation.rules import Krum, Median, TrimmedMean
 from fedcl.cli import run_experiment
+from fedcl.client.store import ClientStateStore
 from fedcl.config import validate
 from fedcl.errors import ConfigError
-from fedcl.federation.faults import corrupt, fault_plan
-from fedcl.federation.screening import screen
-from fedcl.federation.store import ClientStateStore
+from fedcl.faults import corrupt, fault_plan
 from fedcl.methods.base import weighted_mean
+from fedcl.server.screening import screen
 
 
 def test_fault_plan_is_seeded_and_gives_each_kind_its_fraction(make_cfg):
@@ -93,8 +93,8 @@ def test_krum_picks_the_update_closest_to_its_neighbours_and_multi_krum_averages
 
 
 def test_corrupt_duallora_updates_never_change_the_global_adapters(make_cfg):
+    from fedcl.client.app import client_round
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
 
     cfg = make_cfg("method=duallora", "num_clients=3", "num_tasks=2", "model.depth=1", "model.embed_dim=16")
     exp = get_experiment(cfg)

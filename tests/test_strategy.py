@@ -6,7 +6,7 @@ import pytest
 from flwr.app import Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
-from fedcl.federation.codec import to_record
+from fedcl.client.codec import to_record
 
 TINY = ["method=finetune", "num_clients=4", "num_tasks=2", "rounds_per_task=1", "local_epochs=1",
         "dataset=digits", "ray.num_cpus=2", "progress=false", "model.width=8"]
@@ -143,7 +143,7 @@ run_simulation(server_app=app, client_app=strategy.client_app(), num_supernodes=
 
 def test_flowers_own_loop_in_a_users_server_app_gives_fedcls_accuracy_matrix(tmp_path):
     from fedcl.cli import run_experiment
-    from fedcl.federation.run_config import compose_config
+    from fedcl.config import compose_config
 
     assert len(USER_APP.strip().splitlines()) <= 16  # the README's example, as a user would write it
     overrides = [*TINY, "num_clients=3", "rounds_per_task=2", "fraction_train=0.67"]
@@ -176,8 +176,8 @@ def test_a_users_callback_admits_clients_and_adds_columns(tmp_path):
 
 def test_updates_beyond_the_memory_budget_wait_on_disk_and_aggregate_to_the_same_arrays(tmp_path, monkeypatch):
     from fedcl import ContinualStrategy
-    from fedcl.federation import spool as spool_module
-    from fedcl.federation.spool import ReplySpool, SpooledUpdate
+    from fedcl.server import spool as spool_module
+    from fedcl.server.spool import ReplySpool, SpooledUpdate
 
     monkeypatch.setattr(spool_module, "SMALL_BYTES", 0)  # the small CNN's arrays, too, are read from disk
     results = []

@@ -201,7 +201,7 @@ def planned_messages(cfg: DictConfig, start_task: int) -> list[tuple[int, int]]:
     for in private tasks, if nobody stops early. ``train`` phases carry updates; every other
     phase of a method (e.g. DualLoRA's ``basis_*``) is counted as a basis release."""
     from fedcl.experiment import get_experiment
-    from fedcl.federation.schedule import asked, schedule
+    from fedcl.server.schedule import asked, schedule
 
     method = get_experiment(cfg).method
     counts = [[0, 0] for _ in range(int(cfg.num_clients))]
