@@ -41,8 +41,8 @@ import psutil
 
 # light at load, as the ``fedcl`` command is: fedcl's simulation process re-imports the main module
 # (multiprocessing's spawn), and torch or matplotlib here would be start-up time the CLI does not pay
+# (fedcl.config, which composes configs, loads the data and model modules: imported where it is used)
 from fedcl.cli import run_experiment
-from fedcl.config import compose_config
 from fedcl.runtime.simulation import reap_finishing
 
 
@@ -72,6 +72,7 @@ _WORKER: dict = {}
 def _init_worker(overrides: list[str]) -> None:
     import torch
 
+    from fedcl.config import compose_config
     from fedcl.experiment import get_experiment
 
     torch.set_num_threads(1)
@@ -217,6 +218,8 @@ def main() -> None:
                         "the table shows medians")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for all three")
     args = parser.parse_args()
+    from fedcl.config import compose_config
+
     out = args.out or tempfile.mkdtemp(prefix="fedcl_bench_")
     rows, last = [], ""
     for n in [int(c) for c in args.clients.split(",")]:

@@ -167,7 +167,7 @@ def test_audit_auc_drops_toward_half_as_noise_grows(make_cfg):
         runs = []
         for seed in range(3 if sigma else 1):
             c = make_cfg(*base, f"privacy.noise_multiplier={sigma}", f"seed={seed}")
-            out, _ = privatize_payload(c, client_round(c, 0, 0, 0), received, payload, {}, n)
+            out, _ = privatize_payload(c, client_round(c, 0, 0, 0), received, payload, {}, n, exp.method)
             runs.append(audit_client(exp, received, out, 0, 0, 0)["mia_auc"])
         aucs[sigma] = float(np.mean(runs))
     assert aucs[0.0] > 0.62, aucs                 # the noiseless update leaks membership
@@ -179,6 +179,7 @@ def test_audit_auc_drops_toward_half_as_noise_grows(make_cfg):
 def test_shared_bases_reveal_membership_unless_the_covariance_is_noised():
     """Basis-residual attack: a basis kept to high energy spans a small client's own samples."""
     from fedcl.aggregation.subspace import client_basis
+    from fedcl.methods.base import COVARIANCE
     from fedcl.privacy.audit import basis_release, basis_residual_scores, roc_summary
 
     rng = np.random.default_rng(0)
@@ -191,7 +192,7 @@ def test_shared_bases_reveal_membership_unless_the_covariance_is_noised():
     aucs = []
     for seed in range(5):
         noisy = noisy_covariance(members.T @ members, 0.5, np.random.default_rng(seed))
-        basis = basis_release({"cov.task_key": noisy}, 0.97)
+        basis = basis_release({"cov.task_key": noisy}, lambda key: COVARIANCE, 0.97)
         aucs.append(roc_summary(basis_residual_scores(basis, members), basis_residual_scores(basis, others))[0])
     assert abs(np.mean(aucs) - 0.5) < 0.1, aucs
 
@@ -375,7 +376,7 @@ def test_every_trained_array_a_lora_method_sends_is_clipped_and_noised(make_cfg,
     out, metrics = privatize_payload(cfg, ctx, received, payload, state, n, m)
     assert metrics["dp-update"] == 1 and metrics["dp-raw"] == 0, metrics
     from fedcl.privacy.client_dp import references
-    refs = references(payload, received, ctx.first_class, ctx.seen_classes)
+    refs = references(m, payload, received, ctx)
     sent = np.sqrt(sum(((out[k].astype(np.float64) - refs[k]) ** 2).sum() for k in refs
                        if np.issubdtype(out[k].dtype, np.floating)))
     assert sent == pytest.approx(1e-3, rel=1e-3)  # the whole trained update, clipped to the bound

@@ -1,4 +1,5 @@
 """Faults, screening, robust aggregation rules, checkpoints and resume."""
+import functools
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from fedcl.client.store import ClientStateStore
 from fedcl.config import validate
 from fedcl.errors import ConfigError
 from fedcl.faults import corrupt, fault_plan
-from fedcl.methods.base import weighted_mean
+from fedcl.methods.base import role_of, weighted_mean
 from fedcl.server.screening import screen
 
 
@@ -106,13 +107,13 @@ def test_corrupt_duallora_updates_never_change_the_global_adapters(make_cfg):
     honest = [(c, {k: (v + 0.01 * torch.randn_like(v)).numpy() for k, v in payload.items()}, 20) for c in range(3)]
     bad = [(3 + i, {k: v.numpy() for k, v in corrupt(payload, how).items()}, 20)
            for i, how in enumerate(["nan", "inf", "shape", "norm"])]
-    accepted, rejected = screen(honest + bad, glob, 10.0, method.varies_across_clients)
+    accepted, rejected = screen(honest + bad, glob, 10.0, functools.partial(role_of, method))
     assert [c for c, _, _ in accepted] == [0, 1, 2] and [c for c, _, _ in rejected] == [3, 4, 5, 6]
     clean = method.aggregate(glob, [(a, n) for _, a, n in honest], 1, "train")
     screened = method.aggregate(glob, [(a, n) for _, a, n in accepted], 1, "train")
     adapters = [k for k in clean if ".orth_" in k or ".res_" in k or k.startswith("head.")]
     assert adapters and all(np.array_equal(clean[k], screened[k]) for k in adapters)
-    assert screen(bad, glob, 10.0, method.varies_across_clients)[0] == []  # nothing to aggregate
+    assert screen(bad, glob, 10.0, functools.partial(role_of, method))[0] == []  # nothing to aggregate
 
 
 def test_client_store_rolls_back_a_round_that_did_not_complete(tmp_path):

@@ -24,6 +24,7 @@ read-only reports (``fedcl.server.reports``), never the strategy.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -43,6 +44,7 @@ from fedcl.client.codec import content_bytes, from_record, to_record
 from fedcl.experiment import get_experiment, resolve_device
 from fedcl.faults import FaultInjection
 from fedcl.hooks import ServerCallback, mechanisms
+from fedcl.methods.base import role_of
 from fedcl.server.callbacks import Checkpointer, MetricsFile, Progress, ResultsWriter, RunDirectory
 from fedcl.server.downlink import plan_parcels
 from fedcl.server.evaluation import evaluate_tasks
@@ -230,7 +232,7 @@ class ContinualStrategy(Strategy):
         before = self.state.global_arrays
         accepted, rejected = screen(sorted(candidates, key=lambda x: x[0]), before,
                                     float(ratio) if ratio is not None else float("inf"),
-                                    self.method.varies_across_clients,
+                                    functools.partial(role_of, self.method),
                                     small_rounds=not any(cb.noisy_updates for cb in self.callbacks))
         failures = sorted(failures + rejected, key=lambda f: f[0])
         if accepted:  # in client order: the float sum does not depend on which worker finished first
