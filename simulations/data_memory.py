@@ -98,8 +98,8 @@ def _worker(src: str | None, args: list[str], ready, done) -> None:
         sys.path.insert(0, src)
     import torch
 
-    from fedcl.config import compose_config
     from fedcl.experiment import get_experiment
+    from fedcl.federation.run_config import compose_config  # the name older checkouts (--fedcl-src) have too
 
     torch.set_num_threads(1)
     exp = get_experiment(compose_config(args))
@@ -158,9 +158,9 @@ def basis_peak(root: Path, cache: Path | None, per_class: int) -> dict:
     """In this process: the basis_end round of one client holding every row (per_class x 100)."""
     import torch
 
-    from fedcl.client.app import client_round
-    from fedcl.config import compose_config
     from fedcl.experiment import get_experiment
+    from fedcl.federation.client_app import client_round  # the names older checkouts (--fedcl-src) have too
+    from fedcl.federation.run_config import compose_config
 
     cfg = compose_config(["dataset=imagefolder", f"dataset.root={root}", "dataset.image_size=224",
                           *([f"dataset.cache_dir={cache}"] if cache else []),
