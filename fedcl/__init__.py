@@ -11,5 +11,5 @@ __all__ = ["ContinualStrategy"]
 def __getattr__(name: str):
     # loaded on first use: `import fedcl` stays light (no Flower, torch or Ray until needed)
     if name == "ContinualStrategy":
-        return importlib.import_module("fedcl.federation.strategy").ContinualStrategy
+        return importlib.import_module("fedcl.server.strategy").ContinualStrategy
     raise AttributeError(f"module 'fedcl' has no attribute {name!r}")

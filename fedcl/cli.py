@@ -21,7 +21,7 @@ def run_experiment(cfg: DictConfig, run_dir: str, resume: bool = False) -> dict:
     from fedcl import config, report
     from fedcl.data.datasets import load_dataset
     from fedcl.experiment import get_experiment
-    from fedcl.federation.simulation import SimulationProcess, simulate
+    from fedcl.runtime.simulation import SimulationProcess, simulate
 
     started = time.monotonic()
     config.validate(cfg)
@@ -49,7 +49,7 @@ def run_experiment(cfg: DictConfig, run_dir: str, resume: bool = False) -> dict:
 def resumed_config(run_dir: str) -> DictConfig:
     """``fedcl resume=<run dir>``: the config that run was started with (other overrides are
     ignored: a resumed run must be the same run)."""
-    from fedcl.federation.checkpoint import load_config
+    from fedcl.server.checkpoint import load_config
 
     if not Path(run_dir).is_dir():
         raise ConfigError(f"resume={run_dir}: no such directory. Give the run directory of the run "

@@ -1,22 +1,31 @@
-"""Validation of a composed config before anything starts: each error names the bad value and
-what is allowed, so a user can fix it without reading code."""
+"""Composing a config from Hydra overrides, and validating it before anything starts: each error
+names the bad value and what is allowed, so a user can fix it without reading code."""
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import warnings
+from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from fedcl.data.scenario import PARTITIONS, check_task_split
 from fedcl.data.transforms import check_input
 from fedcl.errors import ConfigError
-from fedcl.federation.faults import check_faults
-from fedcl.federation.schedule import num_sampled
+from fedcl.faults import check_faults
 from fedcl.models.backbones import check_model
 from fedcl.plugins import check_plugin, check_values, has_type, settings_kinds, type_error
+from fedcl.server.schedule import num_sampled
 
 DEVICES = ("auto", "cpu", "cuda")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config ``fedcl <overrides>`` runs (the packaged ``conf/``), composed but not validated."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
 
 # The type of every numeric and boolean setting of the core config, checked before any other check
 # converts a value (`seed=abc` would otherwise end in a traceback). "?" allows null. Keys a config

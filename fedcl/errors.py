@@ -15,5 +15,5 @@ class RuntimeLost(RuntimeError):
                          f"by asking clients again. The checkpoint in {self.run_dir} is intact (it holds every "
                          f"completed round); continue the run with: fedcl resume={self.run_dir}")
 
-    def __reduce__(self):  # it crosses a process boundary (fedcl.federation.simulation): rebuild from both parts
+    def __reduce__(self):  # it crosses a process boundary (fedcl.runtime.simulation): rebuild from both parts
         return type(self), (self.run_dir, self.what)

@@ -56,7 +56,7 @@ class Experiment:
 
 def config_key(cfg: DictConfig) -> str:
     """The parts of the config that decide data, scenario, model and method. Remembered for a
-    read-only config (a Ray worker's, see ``fedcl.federation.client_app.worker_config``): a client's
+    read-only config (a Ray worker's, see ``fedcl.client.app.worker_config``): a client's
     round asks for it several times, and it costs a few milliseconds."""
     if not OmegaConf.is_readonly(cfg):
         return _content_key(cfg)

@@ -20,7 +20,7 @@ from fedcl.errors import ConfigError
 
 class ServerCallback:
     """Called by ``ContinualStrategy`` (server side). What a callback is given is read-only
-    (``fedcl.federation.reports``): the round's plan, its metrics row, the global arrays."""
+    (``fedcl.server.reports``): the round's plan, its metrics row, the global arrays."""
 
     # screening's norm check of rounds with fewer than 3 replies compares with the global arrays;
     # a callback that noises updates (client-level DP) makes that comparison meaningless

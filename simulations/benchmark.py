@@ -41,9 +41,9 @@ import psutil
 
 # light at load, as the ``fedcl`` command is: fedcl's simulation process re-imports the main module
 # (multiprocessing's spawn), and torch or matplotlib here would be start-up time the CLI does not pay
+# (fedcl.config, which composes configs, loads the data and model modules: imported where it is used)
 from fedcl.cli import run_experiment
-from fedcl.federation.run_config import compose_config
-from fedcl.federation.simulation import reap_finishing
+from fedcl.runtime.simulation import reap_finishing
 
 
 def workload(clients: int, samples: int, extra: list[str]) -> list[str]:
@@ -59,7 +59,7 @@ def workload(clients: int, samples: int, extra: list[str]) -> list[str]:
 def client_rounds(cfg) -> list[tuple[int, int, int]]:
     """(client, task, round) of every client-round fedcl's schedule runs."""
     from fedcl.experiment import get_experiment
-    from fedcl.federation.schedule import asked, schedule
+    from fedcl.server.schedule import asked, schedule
 
     method = get_experiment(cfg).method
     return [(c, p.task, p.round) for p in schedule(cfg, method) for c in asked(cfg, method, p)]
@@ -72,6 +72,7 @@ _WORKER: dict = {}
 def _init_worker(overrides: list[str]) -> None:
     import torch
 
+    from fedcl.config import compose_config
     from fedcl.experiment import get_experiment
 
     torch.set_num_threads(1)
@@ -82,7 +83,7 @@ def _init_worker(overrides: list[str]) -> None:
 
 
 def _train_one(job: tuple[int, int, int]) -> int:
-    from fedcl.federation.client_app import client_round
+    from fedcl.client.app import client_round
     from fedcl.methods.base import fit
 
     client, task, rnd = job
@@ -115,11 +116,11 @@ def stock_flower(cfg, train_clients: bool = True) -> float:
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
+    from fedcl.client.app import client_round
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
-    from fedcl.federation.evaluation import evaluate_tasks
-    from fedcl.federation.runtime import backend_config
     from fedcl.methods.base import fit
+    from fedcl.runtime.backend import backend_config
+    from fedcl.server.evaluation import evaluate_tasks
 
     client_app = ClientApp()
 
@@ -217,6 +218,8 @@ def main() -> None:
                         "the table shows medians")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for all three")
     args = parser.parse_args()
+    from fedcl.config import compose_config
+
     out = args.out or tempfile.mkdtemp(prefix="fedcl_bench_")
     rows, last = [], ""
     for n in [int(c) for c in args.clients.split(",")]:

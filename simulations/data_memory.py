@@ -99,7 +99,7 @@ def _worker(src: str | None, args: list[str], ready, done) -> None:
     import torch
 
     from fedcl.experiment import get_experiment
-    from fedcl.federation.run_config import compose_config
+    from fedcl.federation.run_config import compose_config  # the name older checkouts (--fedcl-src) have too
 
     torch.set_num_threads(1)
     exp = get_experiment(compose_config(args))
@@ -125,7 +125,7 @@ def workers_pss(root: Path, cache: Path, src: str | None) -> dict:
     args = overrides(root, None if src else cache)
     if src is None:  # decode into the shared cache first, in a process of its own
         started = time.monotonic()
-        code = ("import sys; from fedcl.data.datasets import load_dataset; from fedcl.federation.run_config import "
+        code = ("import sys; from fedcl.data.datasets import load_dataset; from fedcl.config import "
                 f"compose_config; load_dataset(compose_config({args!r}).dataset, 0)")
         subprocess.run([sys.executable, "-c", code], check=True)
         build_s = time.monotonic() - started
@@ -159,7 +159,7 @@ def basis_peak(root: Path, cache: Path | None, per_class: int) -> dict:
     import torch
 
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
+    from fedcl.federation.client_app import client_round  # the names older checkouts (--fedcl-src) have too
     from fedcl.federation.run_config import compose_config
 
     cfg = compose_config(["dataset=imagefolder", f"dataset.root={root}", "dataset.image_size=224",

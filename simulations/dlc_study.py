@@ -61,10 +61,10 @@ def simulate(overrides: list[str], run_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     from fedcl import metrics
+    from fedcl.client.app import client_round
+    from fedcl.config import compose_config
     from fedcl.experiment import derive_seed, get_experiment
-    from fedcl.federation.client_app import client_round
-    from fedcl.federation.evaluation import evaluate_tasks
-    from fedcl.federation.run_config import compose_config
+    from fedcl.server.evaluation import evaluate_tasks
 
     started = time.monotonic()
     cfg = compose_config(overrides)

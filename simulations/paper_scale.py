@@ -86,8 +86,8 @@ def _timed_train(train):
     from flwr.app import Message
     from omegaconf import DictConfig
 
+    from fedcl.client.codec import content_bytes
     from fedcl.experiment import get_experiment
-    from fedcl.federation.codec import content_bytes
 
     @functools.wraps(train)
     def timed(*args, **kwargs):
@@ -122,15 +122,22 @@ def _timed_train(train):
     return timed
 
 
+CLIENT_MODULE = "fedcl.client.app"  # the ClientApp's module: the timers go in once it is imported
+CLIENT_NAMES = ("train", "fresh_model", "hold", "from_record", "to_record")  # what the timers wrap there
+
+
 def install_worker_timers() -> None:
     """Wrap fedcl's client-side functions in this process (see ``time_client_rounds``)."""
     if not os.environ.get(TIMING_ENV):
         return
     try:
+        import importlib
+
+        from fedcl.client import store
         from fedcl.experiment import Experiment
-        from fedcl.federation import client_app, store
         from fedcl.models import backbones
 
+        client_app = importlib.import_module(CLIENT_MODULE)
         _wrap(client_app, "fresh_model", "build")  # the worker's model copy (built on its first use)
         _wrap(client_app, "hold", "held")  # arrays the client holds from earlier rounds
         _wrap(Experiment, "new_model", "new_model")
@@ -145,13 +152,28 @@ def install_worker_timers() -> None:
         print(f"paper_scale: worker timers not installed ({err!r})", file=sys.stderr, flush=True)
 
 
+def check_timed_names() -> None:
+    """Fail before the run when the names the worker timers wrap are not where they look: a moved
+    module would otherwise leave every client-round untimed without a word."""
+    import importlib
+
+    try:
+        module = importlib.import_module(CLIENT_MODULE)
+    except ImportError:
+        raise SystemExit(f"paper_scale: {CLIENT_MODULE} does not import; point CLIENT_MODULE at fedcl's ClientApp") \
+            from None
+    missing = [name for name in CLIENT_NAMES if not callable(getattr(module, name, None))]
+    if missing:
+        raise SystemExit(f"paper_scale: {CLIENT_MODULE} has no {missing}; update the timers to fedcl's client code")
+
+
 SITECUSTOMIZE = f"""# written by simulations/paper_scale.py: in every Python process of the run (the simulation
-# process, Ray's workers), time fedcl's client rounds once fedcl.federation.client_app is imported
+# process, Ray's workers), time fedcl's client rounds once {CLIENT_MODULE} is imported
 import importlib.abc, importlib.util, os, sys
 
 class _TimeClientRounds(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name != "fedcl.federation.client_app":
+        if name != {CLIENT_MODULE!r}:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
@@ -186,7 +208,7 @@ def time_client_rounds(timing: Path) -> None:
 def preset_overrides(preset: str, out: Path, tasks: int | None, images: int, clients: int, rounds: int,
                      arch: str | None, test_per_class: int, extra: list[str]) -> list[str]:
     """The overrides that turn ``+experiment=<preset>`` into the small synthetic run of its shapes."""
-    from fedcl.federation.run_config import compose_config
+    from fedcl.config import compose_config
 
     cfg = compose_config([f"+experiment={preset}"])  # the preset's own shapes; ``extra`` is applied last
     classes = PRESET_CLASSES.get(preset)
@@ -291,7 +313,7 @@ def final_global_arrays(run_dir: Path) -> dict[str, np.ndarray]:
     saved = torch.load(run_dir / "checkpoint" / "server.pt", weights_only=False)
     if "global" in saved:
         return saved["global"]
-    from fedcl.federation.server_state import ServerState
+    from fedcl.server.server_state import ServerState
     return ServerState.from_state_dict(saved["server"]).global_arrays
 
 
@@ -319,9 +341,9 @@ def one_process_training(cfg) -> tuple[float, int, int]:
     """The run's training client-rounds again, one after another in this process on one model: the
     method's own ``client_update`` only (no model build, state files or messages; its cost does not
     depend on the weights). Returns (seconds, client-rounds, images trained)."""
+    from fedcl.client.app import client_round
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
-    from fedcl.federation.schedule import asked, schedule
+    from fedcl.server.schedule import asked, schedule
 
     exp = get_experiment(cfg)
     jobs = [(c, p) for p in schedule(cfg, exp.method) if p.phase == "train" for c in asked(cfg, exp.method, p)]
@@ -367,12 +389,13 @@ def main(argv: list[str] | None = None) -> str:
     from benchmark import PeakMemory
 
     from fedcl.cli import run_experiment
-    from fedcl.federation.run_config import compose_config
+    from fedcl.config import compose_config
 
     overrides = preset_overrides(args.preset, out, args.tasks, args.images, args.clients, args.rounds, args.arch,
                                  args.test_per_class, args.overrides)
     cfg = compose_config(overrides)
     print("$ fedcl " + " ".join(overrides), flush=True)
+    check_timed_names()
     time_client_rounds(timing)
     with PeakMemory() as mem:
         results = run_experiment(cfg, str(out))

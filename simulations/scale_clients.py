@@ -65,9 +65,9 @@ def cpu_seconds(fn):
 def pieces(n: int) -> list:
     """CPU seconds of the per-client pieces at ``n`` clients: the scenario's partition, and one
     round's sampling."""
+    from fedcl.config import compose_config
     from fedcl.data.scenario import build_scenario
-    from fedcl.federation.run_config import compose_config
-    from fedcl.federation.schedule import sample_clients
+    from fedcl.server.schedule import sample_clients
 
     per_class = max(100, n // 5)
     y = np.repeat(np.arange(10), per_class)

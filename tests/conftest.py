@@ -3,7 +3,7 @@ import os
 import pytest
 from omegaconf import DictConfig
 
-from fedcl.federation.run_config import compose_config
+from fedcl.config import compose_config
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")

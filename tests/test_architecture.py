@@ -66,23 +66,26 @@ def test_the_import_graph_of_fedcl_has_no_cycle():
 # and those below.
 LAYERS = [
     ("fedcl.errors", "fedcl.seeding", "fedcl.metrics", "fedcl.report", "fedcl.plugins", "fedcl.hooks",
-     "fedcl.conf"),                                   # foundations and the interfaces of cross-cutting concerns
+     "fedcl.faults", "fedcl.conf"),                   # foundations, the interfaces of cross-cutting concerns,
+                                                      # and fault injection (a concern that needs nothing more)
     ("fedcl.aggregation",),                           # pure math: rules, LoRA factor schemes, subspace merges
     ("fedcl.data",),
     ("fedcl.models",),
     ("fedcl.methods",),                               # know nothing of the server, the client or the runtime
     ("fedcl.experiment",),                            # data + scenario + model factory + method
-    ("fedcl.federation",),                            # the server, the client, the Flower/Ray adapter
+    ("fedcl.client",),                                # one logical client's round, its state store, the codec
+    ("fedcl.server",),                                # the strategy and what it drives; uses the client's codec
     ("fedcl.privacy",),                               # a concern behind server callbacks + client hooks
     ("fedcl.config",),                                # composing and validating (each plug-in checks itself)
-    ("fedcl.cli", "fedcl", "fedcl.subspace"),         # entry points; an old module name
+    ("fedcl.runtime",),                               # the one Flower/Ray adapter: starts server + clients
+    ("fedcl.cli", "fedcl", "fedcl.subspace", "fedcl.federation"),  # entry points; old module names
 ]
 # The few upward imports there are, each lazy and for a stated reason.
 UPWARD = {
     # the contract: ContinualStrategy.from_overrides composes and validates like `fedcl`
-    ("fedcl.federation.strategy", "fedcl.config"),
-    # `flwr run`: the apps compose the run's config from the run config and validate it like `fedcl`
-    ("fedcl.federation.run_config", "fedcl.config"),
+    ("fedcl.server.strategy", "fedcl.config"),
+    # README's ServerApp example: strategy.backend_config() gives run_simulation the Ray resources of the config
+    ("fedcl.server.strategy", "fedcl.runtime.backend"),
 }
 
 
@@ -103,11 +106,14 @@ def test_layers_import_only_their_own_and_lower_ones():
     assert upward_imports(edges) == []
 
 
-def test_the_layer_check_finds_a_method_that_imports_the_server():
-    edges = {"fedcl.methods.mine": {"fedcl.federation.strategy", "fedcl.aggregation.rules"},
-             "fedcl.aggregation.rules": {"fedcl.methods.base"}}
+def test_the_layer_check_finds_a_method_that_imports_the_server_and_a_client_that_imports_it():
+    edges = {"fedcl.methods.mine": {"fedcl.server.strategy", "fedcl.aggregation.rules"},
+             "fedcl.aggregation.rules": {"fedcl.methods.base"},
+             "fedcl.client.app": {"fedcl.server.schedule"}, "fedcl.server.loop": {"fedcl.runtime.simulation"}}
     assert upward_imports(edges) == ["fedcl.aggregation.rules -> fedcl.methods.base",
-                                     "fedcl.methods.mine -> fedcl.federation.strategy"]
+                                     "fedcl.client.app -> fedcl.server.schedule",
+                                     "fedcl.methods.mine -> fedcl.server.strategy",
+                                     "fedcl.server.loop -> fedcl.runtime.simulation"]
 
 
 def test_the_cycle_finder_finds_a_lazy_cycle(tmp_path):

@@ -8,8 +8,8 @@ TINY = ("method=duallora", "model.depth=1", "model.embed_dim=16", "num_clients=3
 
 def serve(cfg, run_dir, monkeypatch, rebuild: bool):
     """Several clients' rounds in one process, as one Ray worker serves them."""
+    from fedcl.client import app as client_app
     from fedcl.experiment import get_experiment
-    from fedcl.federation import client_app
 
     if rebuild:
         monkeypatch.setattr(client_app, "fresh_model", lambda cfg: get_experiment(cfg).new_model())
@@ -38,8 +38,8 @@ def test_a_cached_model_per_worker_gives_the_same_rounds_as_rebuilding(tmp_path,
         for k in a:
             assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k
     # the worker's model is still as built: no client's round leaked into the next one's start
+    from fedcl.client.app import pristine_model
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import pristine_model
 
     kept, built = pristine_model(cfg).state_dict(), get_experiment(cfg).new_model().state_dict()
     assert kept.keys() == built.keys() and all(torch.equal(kept[k], built[k]) for k in kept)

@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 
 from fedcl import config
 from fedcl.cli import resumed_config, run_experiment
+from fedcl.config import CONF_DIR, compose_config
 from fedcl.errors import ConfigError
-from fedcl.federation.run_config import CONF_DIR, compose_config
 
 DIGITS_TRAIN = 1437  # scikit-learn's 1,797 digits less the 20% test split
 
@@ -145,7 +145,7 @@ def test_flwr_run_apps_validate_the_run_config_overrides():
 
     from omegaconf.errors import ReadonlyConfigError
 
-    from fedcl.federation.run_config import config_from_context
+    from fedcl.runtime.flwr_run import config_from_context
 
     with pytest.raises(ConfigError, match="seed=abc: seed must be an integer"):
         config_from_context(SimpleNamespace(run_config={"overrides": "method=finetune seed=abc"}))

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from fedcl.client.app import client_round
 from fedcl.errors import ConfigError
 from fedcl.experiment import get_experiment
-from fedcl.federation.client_app import client_round
 from fedcl.methods.dlc import COUNTS, DLC, MIXES, is_base, is_plugin, plugin_task
 from fedcl.methods.replay import Replay
 from fedcl.models.backbones import build_model

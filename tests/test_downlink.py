@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fedcl.federation.downlink import DownlinkState, plan_parcels
+from fedcl.server.downlink import DownlinkState, plan_parcels
 from tests.test_simulation import TINY, recorded_simulation
 
 
@@ -86,7 +86,7 @@ def test_a_growing_basis_is_sent_as_its_new_columns_to_a_client_that_holds_an_ea
 
 
 def test_a_client_appends_the_new_columns_to_the_version_it_holds(tmp_path):
-    from fedcl.federation.client_app import hold
+    from fedcl.client.app import hold
 
     b1 = np.arange(12, dtype=np.float32).reshape(6, 2)
     b2 = np.concatenate([b1, -np.ones((6, 1), np.float32)], axis=1)

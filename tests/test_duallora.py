@@ -5,9 +5,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from fedcl.client.app import client_round
 from fedcl.errors import ConfigError
 from fedcl.experiment import get_experiment
-from fedcl.federation.client_app import client_round
 from fedcl.methods.duallora import DualLoRA, is_basis, state_bytes
 from fedcl.models.backbones import ClassIncrementalNet
 from fedcl.models.dual_lora import DualLoRALinear, bare

@@ -79,3 +79,18 @@ def test_flwr_run_with_flowers_default_federation_runs_more_clients_than_superno
     assert [r["clients_ok"] for r in results["communication"]["per_round"]] == [3, 3]
     (a00, none), (a10, a11) = results["accuracy_matrix"]
     assert none is None and all(0.0 <= a <= 1.0 for a in (a00, a10, a11))
+
+
+def test_the_components_in_pyproject_and_their_old_names_resolve_to_the_apps():
+    """pyproject.toml names the apps `flwr run` loads; a Flower app of a user's own may still name
+    them by their old module names."""
+    import importlib
+
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    components = re.findall(r'^(serverapp|clientapp) = "([\w.]+):(\w+)"', (REPO / "pyproject.toml").read_text(), re.M)
+    apps = {role: getattr(importlib.import_module(module), name) for role, module, name in components}
+    assert isinstance(apps["serverapp"], ServerApp) and isinstance(apps["clientapp"], ClientApp)
+    assert importlib.import_module("fedcl.federation.server_app").app is apps["serverapp"]
+    assert importlib.import_module("fedcl.federation.client_app").app is apps["clientapp"]

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from fedcl.client.app import client_round
 from fedcl.errors import ConfigError
 from fedcl.experiment import get_experiment
-from fedcl.federation.client_app import client_round
 
 SMALL = ("method=inflora", "num_clients=2", "num_tasks=2", "rounds_per_task=1", "model.depth=2",
          "model.embed_dim=32", "local_epochs=1")

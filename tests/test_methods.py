@@ -27,8 +27,8 @@ def test_reservoir_keeps_a_uniform_sample_within_capacity():
 
 
 def test_replay_memory_is_a_fixed_share_of_the_federation_budget(make_cfg):
+    from fedcl.client.app import client_round
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
 
     cfg = make_cfg("method=replay", "method.memory_total=40", "num_clients=2", "num_tasks=5", "partition=iid")
     exp = get_experiment(cfg)
@@ -44,7 +44,7 @@ def test_replay_memory_is_a_fixed_share_of_the_federation_budget(make_cfg):
 
 
 def test_every_er_batch_pairs_new_rows_with_as_many_memory_rows(make_cfg):
-    from fedcl.federation.client_app import client_round
+    from fedcl.client.app import client_round
     from fedcl.methods.base import local_batches
 
     cfg = make_cfg("method=replay", "num_clients=2", "num_tasks=5", "batch_size=8", "local_epochs=2")
@@ -63,8 +63,8 @@ def test_every_er_batch_pairs_new_rows_with_as_many_memory_rows(make_cfg):
 def test_icarl_distils_old_logits_only_after_the_first_task(make_cfg):
     import torch
 
+    from fedcl.client.app import client_round
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
 
     cfg = make_cfg("method=icarl", "num_clients=2", "num_tasks=5")
     exp = get_experiment(cfg)

@@ -154,8 +154,8 @@ def test_aggregator_median_changes_the_aggregate_of_a_method_that_never_mentions
     """The server applies the run's rule around a method's aggregation: a weighted mean that names
     no rule uses it, so a method cannot skip robust aggregation by forgetting ``rule=``."""
     from fedcl.experiment import get_experiment
-    from fedcl.federation.strategy import combine
     from fedcl.methods.base import Method, weighted_mean
+    from fedcl.server.strategy import combine
 
     class Plain(Method):
         def aggregate(self, global_arrays, replies, task, phase, **_):

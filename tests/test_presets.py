@@ -1,5 +1,6 @@
 """The papers' protocols as presets (conf/experiment/): they compose with the values they claim,
 each runs a real round on the CPU at its image size, and the paper-scale scripts work."""
+import json
 import re
 import subprocess
 import sys
@@ -107,6 +108,8 @@ def test_paper_scale_reports_parts_and_the_summary_line(tmp_path):
     timings = (tmp_path / "timing").glob("worker_*.jsonl")
     records = [line for f in timings for line in f.read_text().splitlines()]
     assert len(records) == 2 * 3 * 2  # 2 clients x 3 phases x 2 tasks, each timed inside a worker
+    parts = [set(json.loads(r)) for r in records]  # the client functions were found and wrapped where they live
+    assert all({"decode", "build", "load_state", "save_state"} <= p for p in parts), parts[0]
     assert "client-rounds (mean per phase" in proc.stdout and "basis_end" in proc.stdout
 
 

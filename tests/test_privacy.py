@@ -101,8 +101,8 @@ def test_clipping_bounds_the_update_norm():
 
 
 def test_a_real_client_update_leaves_the_client_clipped_and_noised(make_cfg):
+    from fedcl.client.app import client_round
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
 
     clip = 0.5
     cfg = make_cfg(*TINY, *DUAL, "privacy=client_dp", f"privacy.clip_norm={clip}", "privacy.noise_multiplier=0.0")
@@ -149,8 +149,8 @@ def test_client_refuses_to_train_once_its_own_budget_is_spent(make_cfg):
 def test_audit_auc_drops_toward_half_as_noise_grows(make_cfg):
     """A small real run: one client over-fits its few digits; the server sees its update after
     clipping and noise. The loss-threshold attack's AUC falls to ~0.5 as the noise grows."""
+    from fedcl.client.app import client_round
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
     from fedcl.privacy.audit import audit_client
 
     base = ("method=finetune", "num_clients=20", "num_tasks=1", "local_epochs=25", "partition=iid",
@@ -167,7 +167,7 @@ def test_audit_auc_drops_toward_half_as_noise_grows(make_cfg):
         runs = []
         for seed in range(3 if sigma else 1):
             c = make_cfg(*base, f"privacy.noise_multiplier={sigma}", f"seed={seed}")
-            out, _ = privatize_payload(c, client_round(c, 0, 0, 0), received, payload, {}, n)
+            out, _ = privatize_payload(c, client_round(c, 0, 0, 0), received, payload, {}, n, exp.method)
             runs.append(audit_client(exp, received, out, 0, 0, 0)["mia_auc"])
         aucs[sigma] = float(np.mean(runs))
     assert aucs[0.0] > 0.62, aucs                 # the noiseless update leaks membership
@@ -179,6 +179,7 @@ def test_audit_auc_drops_toward_half_as_noise_grows(make_cfg):
 def test_shared_bases_reveal_membership_unless_the_covariance_is_noised():
     """Basis-residual attack: a basis kept to high energy spans a small client's own samples."""
     from fedcl.aggregation.subspace import client_basis
+    from fedcl.methods.base import COVARIANCE
     from fedcl.privacy.audit import basis_release, basis_residual_scores, roc_summary
 
     rng = np.random.default_rng(0)
@@ -191,7 +192,7 @@ def test_shared_bases_reveal_membership_unless_the_covariance_is_noised():
     aucs = []
     for seed in range(5):
         noisy = noisy_covariance(members.T @ members, 0.5, np.random.default_rng(seed))
-        basis = basis_release({"cov.task_key": noisy}, 0.97)
+        basis = basis_release({"cov.task_key": noisy}, lambda key: COVARIANCE, 0.97)
         aucs.append(roc_summary(basis_residual_scores(basis, members), basis_residual_scores(basis, others))[0])
     assert abs(np.mean(aucs) - 0.5) < 0.1, aucs
 
@@ -241,8 +242,8 @@ def test_local_dp_sgd_trains_every_trainable_parameter_and_accounts_like_opacus(
 
     import torch
 
+    from fedcl.client.app import client_round
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
     from fedcl.privacy.client_dp import begin_round
 
     cfg = make_cfg(*TINY, "method=finetune", "privacy=dp_sgd", "privacy.dp_sgd.noise_multiplier=1.1",
@@ -288,8 +289,8 @@ def test_functorch_per_sample_gradients_of_duallora_equal_one_backward_per_sampl
     import torch
     import torch.nn.functional as F
 
+    from fedcl.client.app import client_round
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
     from fedcl.privacy.dp_sgd import functorch_grad_samples, hooks_cover
 
     cfg = make_cfg(*TINY, *DUAL)
@@ -316,8 +317,8 @@ def test_functorch_per_sample_gradients_of_duallora_equal_one_backward_per_sampl
 def test_local_dp_sgd_on_duallora_trains_only_the_current_lora_parameters(make_cfg):
     import math
 
+    from fedcl.client.app import client_round
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
     from fedcl.privacy.client_dp import begin_round
 
     cfg = make_cfg(*TINY, *DUAL, "privacy=dp_sgd", "privacy.dp_sgd.noise_multiplier=1.1", "batch_size=16",
@@ -352,8 +353,8 @@ def test_cli_rejects_a_bad_privacy_config_without_traceback(tmp_path):
 def test_every_trained_array_a_lora_method_sends_is_clipped_and_noised(make_cfg, method):
     """In an adapter round nothing trained leaves the client raw: adapters, weighting unit and
     head rows are all deltas of what the server sent."""
+    from fedcl.client.app import client_round
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
 
     extra = DUAL if method == "duallora" else ("method=dlc",)
     cfg = make_cfg(*TINY, *extra, "privacy=client_dp", "privacy.noise_multiplier=0.0", "privacy.clip_norm=1e-3")
@@ -375,7 +376,7 @@ def test_every_trained_array_a_lora_method_sends_is_clipped_and_noised(make_cfg,
     out, metrics = privatize_payload(cfg, ctx, received, payload, state, n, m)
     assert metrics["dp-update"] == 1 and metrics["dp-raw"] == 0, metrics
     from fedcl.privacy.client_dp import references
-    refs = references(payload, received, ctx.first_class, ctx.seen_classes)
+    refs = references(m, payload, received, ctx)
     sent = np.sqrt(sum(((out[k].astype(np.float64) - refs[k]) ** 2).sum() for k in refs
                        if np.issubdtype(out[k].dtype, np.floating)))
     assert sent == pytest.approx(1e-3, rel=1e-3)  # the whole trained update, clipped to the bound

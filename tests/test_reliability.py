@@ -1,4 +1,5 @@
 """Faults, screening, robust aggregation rules, checkpoints and resume."""
+import functools
 import json
 import os
 import signal
@@ -13,12 +14,12 @@ import torch
 from fedcl.aggregation.lora import aggregate_lora
 from fedcl.aggregation.rules import Krum, Median, TrimmedMean
 from fedcl.cli import run_experiment
+from fedcl.client.store import ClientStateStore
 from fedcl.config import validate
 from fedcl.errors import ConfigError
-from fedcl.federation.faults import corrupt, fault_plan
-from fedcl.federation.screening import screen
-from fedcl.federation.store import ClientStateStore
-from fedcl.methods.base import weighted_mean
+from fedcl.faults import corrupt, fault_plan
+from fedcl.methods.base import role_of, weighted_mean
+from fedcl.server.screening import screen
 
 
 def test_fault_plan_is_seeded_and_gives_each_kind_its_fraction(make_cfg):
@@ -93,8 +94,8 @@ def test_krum_picks_the_update_closest_to_its_neighbours_and_multi_krum_averages
 
 
 def test_corrupt_duallora_updates_never_change_the_global_adapters(make_cfg):
+    from fedcl.client.app import client_round
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import client_round
 
     cfg = make_cfg("method=duallora", "num_clients=3", "num_tasks=2", "model.depth=1", "model.embed_dim=16")
     exp = get_experiment(cfg)
@@ -106,13 +107,13 @@ def test_corrupt_duallora_updates_never_change_the_global_adapters(make_cfg):
     honest = [(c, {k: (v + 0.01 * torch.randn_like(v)).numpy() for k, v in payload.items()}, 20) for c in range(3)]
     bad = [(3 + i, {k: v.numpy() for k, v in corrupt(payload, how).items()}, 20)
            for i, how in enumerate(["nan", "inf", "shape", "norm"])]
-    accepted, rejected = screen(honest + bad, glob, 10.0, method.varies_across_clients)
+    accepted, rejected = screen(honest + bad, glob, 10.0, functools.partial(role_of, method))
     assert [c for c, _, _ in accepted] == [0, 1, 2] and [c for c, _, _ in rejected] == [3, 4, 5, 6]
     clean = method.aggregate(glob, [(a, n) for _, a, n in honest], 1, "train")
     screened = method.aggregate(glob, [(a, n) for _, a, n in accepted], 1, "train")
     adapters = [k for k in clean if ".orth_" in k or ".res_" in k or k.startswith("head.")]
     assert adapters and all(np.array_equal(clean[k], screened[k]) for k in adapters)
-    assert screen(bad, glob, 10.0, method.varies_across_clients)[0] == []  # nothing to aggregate
+    assert screen(bad, glob, 10.0, functools.partial(role_of, method))[0] == []  # nothing to aggregate
 
 
 def test_client_store_rolls_back_a_round_that_did_not_complete(tmp_path):

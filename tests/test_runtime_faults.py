@@ -12,10 +12,10 @@ import psutil
 import pytest
 
 from fedcl.cli import run_experiment
+from fedcl.config import compose_config
 from fedcl.errors import ConfigError, RuntimeLost
-from fedcl.federation import runtime
-from fedcl.federation.run_config import compose_config
-from fedcl.federation.simulation import as_runtime_lost, check_resources
+from fedcl.runtime import backend as runtime
+from fedcl.runtime.simulation import as_runtime_lost, check_resources
 
 TINY = ("dataset=digits", "method=finetune", "num_clients=4", "num_tasks=2", "rounds_per_task=2",
         "local_epochs=1", "ray.num_cpus=2", "progress=false")

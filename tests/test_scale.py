@@ -76,7 +76,7 @@ def test_fedcl_attaches_to_a_running_two_node_ray_cluster(tmp_path):
 def test_shared_store_keeps_one_copy_of_identical_tensors(tmp_path):
     import torch
 
-    from fedcl.federation.store import SharedBlobStore
+    from fedcl.client.store import SharedBlobStore
 
     store = SharedBlobStore(tmp_path)
     a = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}

@@ -78,9 +78,9 @@ def recorded_simulation(cfg, run_dir, recorder: bool = False) -> tuple[dict, lis
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from fedcl.federation.client_app import make_client_app
-    from fedcl.federation.runtime import backend_config
-    from fedcl.federation.server_app import run_server
+    from fedcl.client.app import make_client_app
+    from fedcl.runtime.backend import backend_config
+    from fedcl.server.app import run_server
 
     app, grids = ServerApp(), []
 
@@ -155,7 +155,7 @@ def test_cli_rejects_bad_input_with_a_clear_message(tmp_path, override, message)
 def test_codec_keeps_zero_dimensional_arrays():
     import numpy as np
 
-    from fedcl.federation.codec import from_record, to_record
+    from fedcl.client.codec import from_record, to_record
 
     out = from_record(to_record({"num_batches_tracked": np.array(7), "w": np.zeros((3, 2)).T}))
     assert out["num_batches_tracked"].shape == () and out["w"].shape == (2, 3)

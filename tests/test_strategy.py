@@ -6,7 +6,7 @@ import pytest
 from flwr.app import Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
-from fedcl.federation.codec import to_record
+from fedcl.client.codec import to_record
 
 TINY = ["method=finetune", "num_clients=4", "num_tasks=2", "rounds_per_task=1", "local_epochs=1",
         "dataset=digits", "ray.num_cpus=2", "progress=false", "model.width=8"]
@@ -143,7 +143,7 @@ run_simulation(server_app=app, client_app=strategy.client_app(), num_supernodes=
 
 def test_flowers_own_loop_in_a_users_server_app_gives_fedcls_accuracy_matrix(tmp_path):
     from fedcl.cli import run_experiment
-    from fedcl.federation.run_config import compose_config
+    from fedcl.config import compose_config
 
     assert len(USER_APP.strip().splitlines()) <= 16  # the README's example, as a user would write it
     overrides = [*TINY, "num_clients=3", "rounds_per_task=2", "fraction_train=0.67"]
@@ -176,8 +176,8 @@ def test_a_users_callback_admits_clients_and_adds_columns(tmp_path):
 
 def test_updates_beyond_the_memory_budget_wait_on_disk_and_aggregate_to_the_same_arrays(tmp_path, monkeypatch):
     from fedcl import ContinualStrategy
-    from fedcl.federation import spool as spool_module
-    from fedcl.federation.spool import ReplySpool, SpooledUpdate
+    from fedcl.server import spool as spool_module
+    from fedcl.server.spool import ReplySpool, SpooledUpdate
 
     monkeypatch.setattr(spool_module, "SMALL_BYTES", 0)  # the small CNN's arrays, too, are read from disk
     results = []
@@ -198,3 +198,70 @@ def test_updates_beyond_the_memory_budget_wait_on_disk_and_aggregate_to_the_same
     assert isinstance(held, SpooledUpdate) and list(held) == ["w", "b"] and spool.spooled == 1
     assert isinstance(held["w"], np.memmap) and np.array_equal(held["w"], big["w"])
     assert np.array_equal(held["b"], big["b"])
+
+
+STATS_METHOD = '''
+"""A method of a user's own: fine-tuning whose clients also send how many rows of each class they hold."""
+import numpy as np
+
+from fedcl.methods.base import RELEASE, UPDATE, Method
+
+
+class WithCounts(Method):
+    def __init__(self, name: str = "with_counts"):
+        super().__init__(name)
+        self.counts_seen = []
+
+    def array_role(self, key):
+        return RELEASE if key == "class_counts" else UPDATE
+
+    def aggregate(self, global_arrays, replies, task, phase, rule=None):
+        self.counts_seen = [np.array(r["class_counts"]) for r, _ in replies]
+        updates = [({k: r[k] for k in r if k != "class_counts"}, n) for r, n in replies]
+        return super().aggregate(global_arrays, updates, task, phase, rule=rule)
+'''
+
+
+def test_a_release_a_method_declares_passes_screening_untouched_while_its_updates_are_screened(tmp_path, monkeypatch):
+    """Screening reads what an array is from the method's declaration (``array_role``), not from its
+    name: a large client's class counts are a release and pass; an update ten times the round's
+    median does not. Ignoring the declaration would reject the large client too."""
+    from fedcl import ContinualStrategy
+
+    package = tmp_path / "users_counts"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "counts.py").write_text(STATS_METHOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    s = ContinualStrategy.from_overrides([*TINY, "num_clients=5", "method._target_=users_counts.counts.WithCounts",
+                                          "method.name=with_counts"], run_dir=str(tmp_path / "run"))
+    messages = pushed(s.configure_train(1, None, None, grid=None))
+    g = s.state.global_arrays
+    ups = [{**{k: (v + 0.01 * (c + 1) if v.dtype.kind == "f" else v) for k, v in g.items()},
+            "class_counts": np.array([5.0, 7.0])} for c in range(5)]
+    ups[3]["class_counts"] = np.array([4e6, 6e6])  # a client with a million times the data
+    ups[4] = {**{k: (v * 1e3 + 1 if v.dtype.kind == "f" else v) for k, v in g.items()},
+              "class_counts": np.array([5.0, 7.0])}
+    s.aggregate_train(1, [reply(m, u, 10, c) for c, (m, u) in enumerate(zip(messages, ups))])
+    assert [(f["client"], f["kind"]) for f in s.state.failures] == [(4, "norm")]
+    assert [c.tolist() for c in s.method.counts_seen] == [[5.0, 7.0]] * 3 + [[4e6, 6e6]]  # as sent
+
+
+def test_a_role_that_is_not_one_fails_and_fedavg_refuses_releases_it_cannot_average():
+    from fedcl.methods.base import BASIS, Method, role_of
+
+    class Misspelt(Method):
+        def array_role(self, key):
+            return "relaese"
+
+    class Bases(Method):
+        def array_role(self, key):
+            return BASIS if key.startswith("U.") else "update"
+
+    with pytest.raises(ValueError, match="a role is one of"):
+        role_of(Misspelt("m"), "w")
+    replies = [({"w": np.ones(2), "U.x": np.eye(2)}, 1)]
+    with pytest.raises(NotImplementedError, match=r"\['U.x'\] as 'basis'"):
+        Bases("b").aggregate({"w": np.zeros(2)}, replies, 0, "train")
+    with pytest.raises(TypeError, match="array_role"):
+        type("Old", (Method,), {"varies_across_clients": lambda self, key: True})

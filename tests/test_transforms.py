@@ -7,13 +7,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from fedcl.client.app import client_round
 from fedcl.data.datasets import to_float
 from fedcl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, input_pipeline
 from fedcl.experiment import get_experiment
-from fedcl.federation import evaluation
-from fedcl.federation.client_app import client_round
 from fedcl.methods.base import local_batches, predict
 from fedcl.models.backbones import model_input_config
+from fedcl.server import evaluation
 
 
 def data(n=64, channels=3, size=8, seed=0):

@@ -2,8 +2,10 @@
 
 A method sees one client's round through a ``ClientRound`` (which task and round it is, that
 client's data, hyperparameters, a seeded RNG) and a ``state`` dict that persists for that client
-across rounds and tasks. It says which arrays cross the wire (``payload``) and how the server
-combines them (``aggregate``). The federation layer only moves named arrays; it knows nothing else.
+across rounds and tasks. It says which arrays cross the wire (``payload``), what each of them is
+(``array_role``) and how the server combines them (``aggregate``). The server and the client only
+move named arrays; what they do to one (screen it, combine it by the aggregation rule, clip and
+noise it under privacy) follows from the role its method declares, never from its name.
 """
 from __future__ import annotations
 
@@ -16,6 +18,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedcl.aggregation.rules import MEAN, AggregationRule, current_rule
+
+# The roles of the arrays a client sends (``Method.array_role``).
+UPDATE = "update"          # a trained array, an update of the global array of the same name: screened by
+                           # its norm, combined by the aggregation rule, clipped and noised under
+                           # client-level DP
+HEAD_ROWS = "head_rows"    # an update of some rows of a global classifier (``Method.counterpart``): the
+                           # round's classes, or every seen class. Treated as an update of those rows
+BASIS = "basis"            # a release: directions of the client's data and their singular values, as
+                           # many as its data needs (the last dimension may differ between clients)
+COVARIANCE = "covariance"  # a release: a Gram matrix F^T F of the client's data (noised as one under
+                           # privacy.bases=noisy_covariance)
+RELEASE = "release"        # another release: statistics of the client's data (class means, counts)
+ROLES = (UPDATE, HEAD_ROWS, BASIS, COVARIANCE, RELEASE)
+RELEASES = (BASIS, COVARIANCE, RELEASE)  # updates nothing the server holds: never screened by norm;
+                                          # privacy noises covariances and counts the rest as raw releases
 
 
 @dataclass
@@ -56,6 +73,12 @@ class Method:
 
     def __init__(self, name: str):
         self.name = name
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if replaced := [h for h in ("varies_across_clients", "is_covariance", "privacy_reference") if h in vars(cls)]:
+            raise TypeError(f"{cls.__name__} overrides {replaced}, which fedcl no longer calls: declare what its "
+                            "arrays are with array_role (BASIS, COVARIANCE, HEAD_ROWS with counterpart, ...)")
 
     # ---- client side -------------------------------------------------------------------
     def training_rows(self, ctx: ClientRound, state: dict) -> np.ndarray:
@@ -101,10 +124,6 @@ class Method:
         """The communication rounds of a task, in order."""
         return ["train"] * rounds
 
-    def varies_across_clients(self, key: str) -> bool:
-        """An uplink array whose last dimension may differ between honest clients (screening)."""
-        return False
-
     def samples_everyone(self, task: int, phase: str) -> bool:
         """A round that goes to every client instead of a ``fraction_train`` sample."""
         return False
@@ -120,6 +139,10 @@ class Method:
 
         Global arrays are read-only: return new arrays for what changed (the server versions each
         array by the round that last replaced it, and sends a client only what it does not hold)."""
+        declared = {k: role_of(self, k) for arrays, _ in replies for k in arrays}
+        if others := sorted(k for k, role in declared.items() if role != UPDATE):
+            raise NotImplementedError(f"{type(self).__name__} sends {others[:3]} as {declared[others[0]]!r}: FedAvg "
+                                      "averages updates only; override aggregate to place head rows and merge releases")
         return {**global_arrays, **weighted_mean(replies, rule)}
 
     def predict(self, model: nn.Module, x: torch.Tensor, seen_classes: int) -> torch.Tensor:
@@ -137,25 +160,32 @@ class Method:
     def export(self, model: nn.Module, folder) -> None:
         """Write the final global adapters (LoRA methods: PEFT's format) into ``folder``; nothing here."""
 
-    # ---- what the arrays mean (privacy, screening) -------------------------------------------
+    # ---- what the arrays mean (screening, aggregation, privacy) ---------------------------------
+    def array_role(self, key: str) -> str:
+        """The role of the array ``key`` a client sends, one of ``ROLES``: the one declaration
+        screening, the aggregation rule and privacy act on. Everything is an update here; a method
+        that sends head rows, bases, covariances or other statistics of its data says so."""
+        return UPDATE
+
+    def counterpart(self, key: str) -> str:
+        """The global array the update ``key`` changes: itself here; head rows name their classifier."""
+        return key
+
     supports_dp_sgd = True  # trains through ``fit`` with one per-sample loss (record-level DP-SGD applies)
-
-    def privacy_reference(self, received: dict[str, np.ndarray], ctx: ClientRound,
-                          payload: dict) -> dict[str, np.ndarray]:
-        """For each payload array that is an update of something the client received: that
-        something (client-level DP clips and noises the difference). Arrays without one are
-        releases (e.g. bases). Here: same name and shape, and head rows (see
-        ``head_row_references``)."""
-        return head_row_references(payload, received, ctx.first_class, ctx.seen_classes)
-
-    def is_covariance(self, key: str) -> bool:
-        """A release that is a covariance matrix F^T F (noised as one under privacy.bases=noisy_covariance)."""
-        return key.startswith("cov.")
 
     def task_key_release(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The arrays of a reply that describe the client's task-identity subspace (for the
         basis-residual membership audit); none here."""
         return {}
+
+
+def role_of(method: Method, key: str) -> str:
+    """``method.array_role(key)``, checked: a role that is not one of ``ROLES`` (a typo) must not
+    switch off what the server and privacy do to the array."""
+    role = method.array_role(key)
+    if role not in ROLES:
+        raise ValueError(f"{type(method).__name__}.array_role({key!r}) is {role!r}; a role is one of {list(ROLES)}")
+    return role
 
 
 def weighted_mean(replies: list[tuple[dict[str, np.ndarray], int]],
@@ -166,24 +196,6 @@ def weighted_mean(replies: list[tuple[dict[str, np.ndarray], int]],
     if sum(n for _, n in replies) <= 0:
         raise ValueError("weighted_mean needs at least one reply with examples")
     return (rule or current_rule()).combine([arrays for arrays, _ in replies], [n for _, n in replies])
-
-
-def head_row_references(payload: dict, received: dict, first_class: int,
-                        seen_classes: int) -> dict[str, np.ndarray]:
-    """Counterparts of payload arrays in what was received: the same name and shape, or for
-    ``<x>head_rows.*`` rows first_class..seen-1 (or 0..seen-1) of ``<x>head.*``."""
-    refs = {}
-    for key, value in payload.items():
-        shape = tuple(np.shape(value))
-        if key in received and tuple(np.shape(received[key])) == shape:
-            refs[key] = np.asarray(received[key])
-        elif "head_rows." in key:
-            full = received.get(key.replace("head_rows.", "head."))
-            for lo in (first_class, 0):  # the current task's rows, or all seen rows (DLC with exemplars)
-                if full is not None and tuple(full[lo:seen_classes].shape) == shape:
-                    refs[key] = np.asarray(full[lo:seen_classes])
-                    break
-    return refs
 
 
 def fit(model: nn.Module, rows: np.ndarray, ctx: ClientRound,

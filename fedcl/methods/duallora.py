@@ -53,7 +53,7 @@ from fedcl.aggregation.lora import aggregate_lora, check_scheme
 from fedcl.aggregation.rules import MEAN, AggregationRule
 from fedcl.aggregation.subspace import BASIS_AGGREGATIONS, InputStatistics, merge_covariance, merge_svd
 from fedcl.errors import ConfigError
-from fedcl.methods.base import ClientRound, Method, fit, weighted_mean
+from fedcl.methods.base import BASIS, COVARIANCE, HEAD_ROWS, UPDATE, ClientRound, Method, fit, weighted_mean
 from fedcl.models.dual_lora import DualLoRALinear, TaskBases, bare
 from fedcl.models.lora import inject_lora, match_targets
 
@@ -260,8 +260,11 @@ class DualLoRA(Method):
         """A basis reply's task-key part: the span of the client's key representations."""
         return {k: v for k, v in arrays.items() if k in ("U.task_key", "s.task_key", "cov.task_key")}
 
-    def varies_across_clients(self, key: str) -> bool:
-        return key.startswith(("U.", "s."))  # a client's basis keeps as many directions as its data needs
+    def array_role(self, key: str) -> str:
+        return sent_role(key)
+
+    def counterpart(self, key: str) -> str:
+        return head_of_rows(key)
 
     def samples_everyone(self, task: int, phase: str) -> bool:
         return task < self.first and phase == "basis_end"  # every client gets the final backbone
@@ -372,6 +375,24 @@ class DualLoRA(Method):
             preds.append(scores.argmax(1))
         self.set_mode(model, seen_tasks - 1, None)
         return torch.cat(preds)
+
+
+def sent_role(key: str) -> str:
+    """What an array a DualLoRA (or InfLoRA) client sends is: the task's head rows, a layer's basis
+    (``U.*``: directions, as many as the client's data needs; ``s.*``: their singular values) or
+    covariance (``cov.*``), else an update (backbone, adapters)."""
+    if key.startswith("head_rows."):
+        return HEAD_ROWS
+    if key.startswith(("U.", "s.")):
+        return BASIS
+    if key.startswith("cov."):
+        return COVARIANCE
+    return UPDATE
+
+
+def head_of_rows(key: str) -> str:
+    """``head_rows.<p>`` are rows of ``head.<p>``; anything else updates itself."""
+    return "head." + key.removeprefix("head_rows.") if key.startswith("head_rows.") else key
 
 
 def is_basis(key: str) -> bool:

@@ -35,8 +35,8 @@ from torch import nn
 
 from fedcl.aggregation.subspace import BASIS_AGGREGATIONS, InputStatistics, merge_covariance, merge_svd, project_out
 from fedcl.errors import ConfigError
-from fedcl.methods.base import ClientRound, Method, fit, weighted_mean
-from fedcl.methods.duallora import hold_base_session_backbone, pad_into
+from fedcl.methods.base import RELEASE, ClientRound, Method, fit, weighted_mean
+from fedcl.methods.duallora import head_of_rows, hold_base_session_backbone, pad_into, sent_role
 from fedcl.models.lora import check_rank, inject_lora
 from fedcl.seeding import derive_seed
 
@@ -207,8 +207,8 @@ class InfLoRA(Method):
         return out
 
     def class_statistics(self, feats: torch.Tensor, labels: torch.Tensor, task: int) -> dict[str, torch.Tensor]:
-        """Per class of the task: count, feature mean and second moment (means, not sums, so that
-        no array's norm grows with the client's data: the norm screening compares clients)."""
+        """Per class of the task: count, feature mean and second moment (means, not sums: the
+        server weighs them by the counts)."""
         s, e = self.starts[task], self.starts[task + 1]
         f = feats.double().cpu()
         d = f.shape[1]
@@ -223,8 +223,11 @@ class InfLoRA(Method):
     def phases(self, task: int, rounds: int) -> list[str]:
         return (["basis_start"] if task >= self.first else []) + ["train"] * rounds + ["basis_end"]
 
-    def varies_across_clients(self, key: str) -> bool:
-        return key.startswith(("U.", "s."))  # a client's basis keeps as many directions as its data needs
+    def array_role(self, key: str) -> str:
+        return RELEASE if key.startswith("ca.") else sent_role(key)  # ca.*: class statistics (alignment)
+
+    def counterpart(self, key: str) -> str:
+        return head_of_rows(key)
 
     def samples_everyone(self, task: int, phase: str) -> bool:
         return task < self.first and phase == "basis_end"  # every client gets the final backbone

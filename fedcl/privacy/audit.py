@@ -15,10 +15,15 @@ With few members per client, TPR at 1% FPR is coarse (it needs >= 100 non-member
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score, roc_curve
+
+from fedcl.methods.base import BASIS, COVARIANCE, HEAD_ROWS, RELEASES, role_of
 
 
 def roc_summary(member_scores, nonmember_scores, member_labels=None, nonmember_labels=None,
@@ -56,18 +61,21 @@ def per_example_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, f
     return torch.cat(out).cpu().numpy() if out else np.empty(0)
 
 
-def apply_reply(arrays: dict[str, np.ndarray], reply: dict[str, np.ndarray], first: int, end: int) -> dict:
-    """Global arrays with a client's reply loaded over them (``head_rows.*`` into rows first..end-1)."""
+def apply_reply(method, arrays: dict[str, np.ndarray], reply: dict[str, np.ndarray], first: int, end: int) -> dict:
+    """Global arrays with a client's reply loaded over them, by the roles ``method`` declares: an
+    update replaces its global array, head rows rows first..end-1 of theirs (or 0..end-1, when all
+    seen rows were sent); releases (bases, statistics) are not model arrays."""
     out = dict(arrays)
     for key, value in reply.items():
-        if "head_rows." in key:
-            full = key.replace("head_rows.", "head.")
-            if full in out:
-                out[full] = np.array(out[full], copy=True)
-                lo = first if len(value) == end - first else 0  # DLC with exemplars sends rows 0..end-1
-                out[full][lo:end] = value
-        elif key in out:  # bases (U.*, s.*, cov.*) are not model arrays
-            out[key] = value
+        role, target = role_of(method, key), method.counterpart(key)
+        if role in RELEASES or target not in out:
+            continue
+        if role == HEAD_ROWS:
+            out[target] = np.array(out[target], copy=True)
+            lo = first if len(value) == end - first else 0
+            out[target][lo:end] = value
+        else:
+            out[target] = value
     return out
 
 
@@ -82,7 +90,7 @@ def audit_client(exp, global_arrays: dict, reply: dict, task: int, client: int, 
     xn = exp.test_images(nonmembers)
     yn = torch.from_numpy(scenario.y_test[nonmembers])
     losses = {}
-    for name, arrays in (("global", global_arrays), ("client", apply_reply(global_arrays, reply, first, end))):
+    for name, arrays in (("global", global_arrays), ("client", apply_reply(method, global_arrays, reply, first, end))):
         model = exp.new_model()
         method.load_payload(model, arrays)
         method.predict(model, xn[:1], seen)  # puts a method's layers in inference mode (e.g. DualLoRA's task)
@@ -96,22 +104,26 @@ def audit_client(exp, global_arrays: dict, reply: dict, task: int, client: int, 
             "mia_n_members": int(len(members)), "mia_n_nonmembers": int(len(nonmembers))}
 
 
-def basis_release(arrays: dict[str, np.ndarray], threshold: float, fallback_rank: int = 16) -> np.ndarray | None:
-    """The orthonormal basis a server reads from a client's basis message: ``U.task_key``
-    directly, or the top eigenvectors (to ``threshold`` energy) of ``cov.task_key``, exactly as the
-    server's covariance merge would compute them from that one client; when noise leaves that
-    rule nothing (e.g. a negative noisy trace), the attacker takes the top ``fallback_rank``."""
+def basis_release(arrays: dict[str, np.ndarray], role: Callable[[str], str], threshold: float,
+                  fallback_rank: int = 16) -> np.ndarray | None:
+    """The orthonormal basis a server reads from a client's basis message (its arrays' roles by
+    ``role``): the basis directly, or the top eigenvectors (to ``threshold`` energy) of the
+    covariance, exactly as the server's covariance merge would compute them from that one client;
+    when noise leaves that rule nothing (e.g. a negative noisy trace), the attacker takes the top
+    ``fallback_rank``."""
     from fedcl.aggregation.subspace import merge_covariance
 
-    if "U.task_key" in arrays:
-        return np.asarray(arrays["U.task_key"], dtype=np.float64)
-    if "cov.task_key" in arrays:
-        cov = np.asarray(arrays["cov.task_key"], dtype=np.float64)
-        basis = merge_covariance([cov], threshold)
-        if not basis.shape[1]:
-            vals, vecs = np.linalg.eigh((cov + cov.T) / 2)
-            basis = vecs[:, np.argsort(vals)[::-1][:min(fallback_rank, len(vals))]]
-        return basis
+    for key, value in arrays.items():
+        if role(key) == BASIS and np.ndim(value) == 2:  # the directions (beside them: singular values)
+            return np.asarray(value, dtype=np.float64)
+    for key, value in arrays.items():
+        if role(key) == COVARIANCE:
+            cov = np.asarray(value, dtype=np.float64)
+            basis = merge_covariance([cov], threshold)
+            if not basis.shape[1]:
+                vals, vecs = np.linalg.eigh((cov + cov.T) / 2)
+                basis = vecs[:, np.argsort(vals)[::-1][:min(fallback_rank, len(vals))]]
+            return basis
     return None
 
 
@@ -130,7 +142,7 @@ def audit_basis(exp, arrays: dict[str, np.ndarray], task: int, client: int) -> d
     method, scenario = exp.method, exp.scenario
     if getattr(method, "task_key", None) != "input":
         return {}
-    basis = basis_release(arrays, float(getattr(method, "feature_threshold", 0.9)),
+    basis = basis_release(arrays, functools.partial(role_of, method), float(getattr(method, "feature_threshold", 0.9)),
                           int(getattr(method, "max_client_basis", 16)))
     if basis is None:
         return {}

@@ -1,17 +1,17 @@
 """Client side of client-level DP: what leaves a client is clipped and noised there.
 
 ``privatize_payload`` takes the method's payload (named arrays) and the arrays the server sent
-this round, and splits the payload into
-- *deltas*: arrays with a counterpart in what was received (same name and shape, or
-  ``<x>head_rows.*`` = rows first_class..seen_classes-1 (or 0..seen_classes-1) of ``<x>head.*``,
-  or what a method's optional
-  ``privacy_reference(received, ctx, payload)`` hook maps). Their differences to the counterparts,
-  taken together as one vector, are clipped to ``clip_norm`` in L2 and get Gaussian noise of std
-  ``sigma_k * clip_norm``; integer arrays (e.g. BatchNorm counters) are sent back unchanged;
-- *releases*: data-dependent arrays with no counterpart (subspace bases). ``cov.*`` covariances
-  are trace-normalised (PSD with unit trace => Frobenius norm <= 1) and get symmetric Gaussian
-  noise when ``privacy.bases=noisy_covariance``; anything else is sent raw and counted as an
-  uncovered release in the ledger.
+this round, and treats each array by the role its method declares (``Method.array_role``):
+- *updates* (and *head rows*): their differences to what they update in what was received (the
+  same global array; head rows: rows first_class..seen_classes-1, or 0..seen_classes-1, of their
+  ``Method.counterpart``), taken together as one vector, are clipped to ``clip_norm`` in L2 and
+  get Gaussian noise of std ``sigma_k * clip_norm``; integer arrays (e.g. BatchNorm counters) are
+  sent back as received. An update with nothing received to differ from goes out as it is and is
+  counted as an uncovered release in the ledger;
+- *releases* (bases, covariances, other statistics of the client's data): covariances are
+  trace-normalised (PSD with unit trace => Frobenius norm <= 1) and get symmetric Gaussian noise
+  when ``privacy.bases=noisy_covariance``; anything else is sent raw and counted as an uncovered
+  release in the ledger.
 
 The client keeps its own accountant history in its state and refuses to train once its next
 message would exceed its budget (``refuses``), so a client enforces its budget even if a server
@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedcl.methods.base import head_row_references
+from fedcl.methods.base import COVARIANCE, HEAD_ROWS, RELEASES, role_of
 from fedcl.privacy.accounting import ClientAccount, add_step, epsilon_of
 from fedcl.privacy.settings import PrivacySettings, privacy_settings
 from fedcl.seeding import derive_seed
@@ -34,13 +34,24 @@ def _np(v) -> np.ndarray:
     return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
 
 
-def references(payload: dict, received: dict, first_class: int, seen_classes: int,
-               method=None, ctx=None) -> dict[str, np.ndarray]:
-    """For each payload array that is an update of something the server sent: that something
-    (the method says, ``Method.privacy_reference``)."""
-    if method is not None:
-        return method.privacy_reference(received, ctx, payload)
-    return head_row_references(payload, received, first_class, seen_classes)
+def references(method, payload: dict, received: dict, ctx) -> dict[str, np.ndarray]:
+    """For each update (or head rows) in ``payload``: what it updates in ``received``, by the roles
+    ``method`` declares. Releases have none, nor has an update whose counterpart was not received."""
+    refs = {}
+    for key, value in payload.items():
+        role = role_of(method, key)
+        full = received.get(method.counterpart(key))
+        if role in RELEASES or full is None:
+            continue
+        shape = tuple(np.shape(value))
+        if role == HEAD_ROWS:
+            for lo in (ctx.first_class, 0):  # the current task's rows, or all seen rows
+                if tuple(full[lo:ctx.seen_classes].shape) == shape:
+                    refs[key] = np.asarray(full[lo:ctx.seen_classes])
+                    break
+        elif tuple(np.shape(full)) == shape:
+            refs[key] = np.asarray(full)
+    return refs
 
 
 def clip_and_noise(deltas: dict[str, np.ndarray], clip_norm: float, noise_std: float,
@@ -108,7 +119,7 @@ def client_account(s: PrivacySettings, client: int, state: dict) -> ClientAccoun
 
 
 def privatize_payload(cfg, ctx, received: dict, payload: dict, state: dict, num_examples: int,
-                      method=None) -> tuple[dict, dict]:
+                      method) -> tuple[dict, dict]:
     """The arrays to send and the metrics that describe the mechanism applied (for the ledger;
     with ``uniform_weights`` they also replace ``num-examples`` by 1).
 
@@ -120,7 +131,7 @@ def privatize_payload(cfg, ctx, received: dict, payload: dict, state: dict, num_
         return payload, {}
     c = s.client(ctx.client)
     rng = np.random.default_rng(derive_seed(ctx.seed, ctx.task, ctx.round, ctx.client, NOISE_TAG))
-    refs = references(payload, received, ctx.first_class, ctx.seen_classes, method, ctx)
+    refs = references(method, payload, received, ctx)
     out: dict[str, np.ndarray] = {}
     deltas = {}
     for key, value in payload.items():
@@ -154,7 +165,7 @@ def privatize_payload(cfg, ctx, received: dict, payload: dict, state: dict, num_
         metrics["dp-update"] = 1
         state["privacy_last_norm"] = norm
     releases = [k for k in payload if k not in refs]
-    covs = [k for k in releases if method is not None and method.is_covariance(k)]
+    covs = [k for k in releases if role_of(method, k) == COVARIANCE]
     if s.bases == "noisy_covariance" and covs:
         # all matrices of one message together have L2 sensitivity sqrt(len(covs))
         std = s.basis_noise_multiplier * float(np.sqrt(len(covs)))

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from fedcl.federation.codec import from_record
+from fedcl.client.codec import from_record
 from fedcl.privacy.accounting import ClientAccount
 from fedcl.privacy.client_dp import next_steps
 from fedcl.privacy.settings import privacy_settings

@@ -34,26 +34,34 @@ class DpSgdSettings:
 
 
 @dataclass(frozen=True)
-class PrivacyConfig:
-    """The keys of ``conf/privacy/client_dp.yaml`` (and ``dp_sgd.yaml``) with their types: what
-    ``fedcl.privacy.mechanism.Privacy`` reads (``Privacy.settings``)."""
+class RunPrivacy:
+    """What client-level DP applies to every client alike: keys of the yaml (``PrivacyConfig``)
+    that a run's settings (``PrivacySettings``) keep as they are, with one default each."""
 
     clip_norm: float = 1.0
-    noise_multiplier: float | None = 1.0
-    target_epsilon: float | None = None
-    sample_rate: float = 1.0
-    groups: list | None = None
     delta: float = 1e-5
     accountant: str = "rdp"
     start_task: int = 0
     bases: str = "raw"
     basis_noise_multiplier: float = 1.0
     uniform_weights: bool = True
-    client_level: bool = True
-    local_dp_sgd: bool = False
-    dp_sgd: DpSgdSettings | None = None
+    client_level: bool = True         # clip + noise the update each client sends
+    local_dp_sgd: bool = False        # record-level DP-SGD (Opacus) inside each client
     audit: bool = True
     audit_max_clients: int = 20
+
+
+@dataclass(frozen=True)
+class PrivacyConfig(RunPrivacy):
+    """The keys of ``conf/privacy/client_dp.yaml`` (and ``dp_sgd.yaml``) with their types: what
+    ``fedcl.privacy.mechanism.Privacy`` reads (``Privacy.settings``). Beside the run-wide ones, the
+    defaults of every client's own settings and the groups that override them."""
+
+    noise_multiplier: float | None = 1.0
+    target_epsilon: float | None = None
+    sample_rate: float = 1.0
+    groups: list | None = None
+    dp_sgd: DpSgdSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -68,19 +76,10 @@ class ClientPrivacy:
 
 
 @dataclass(frozen=True)
-class PrivacySettings:
-    enabled: bool
-    clip_norm: float = 1.0
-    delta: float = 1e-5
-    accountant: str = "rdp"
-    start_task: int = 0
-    bases: str = "raw"
-    basis_noise_multiplier: float = 1.0
-    uniform_weights: bool = True
-    audit: bool = True
-    audit_max_clients: int = 20
-    client_level: bool = True         # clip + noise the update each client sends
-    local_dp_sgd: bool = False        # record-level DP-SGD (Opacus) inside each client
+class PrivacySettings(RunPrivacy):
+    """A run's settings: the run-wide ones, checked, and every client's own (``clients``)."""
+
+    enabled: bool = False
     dp_sgd_max_grad_norm: float = 1.0
     clients: tuple[ClientPrivacy, ...] = ()
 
@@ -201,7 +200,7 @@ def planned_messages(cfg: DictConfig, start_task: int) -> list[tuple[int, int]]:
     for in private tasks, if nobody stops early. ``train`` phases carry updates; every other
     phase of a method (e.g. DualLoRA's ``basis_*``) is counted as a basis release."""
     from fedcl.experiment import get_experiment
-    from fedcl.federation.schedule import asked, schedule
+    from fedcl.server.schedule import asked, schedule
 
     method = get_experiment(cfg).method
     counts = [[0, 0] for _ in range(int(cfg.num_clients))]

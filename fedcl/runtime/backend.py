@@ -1,5 +1,5 @@
-"""The one adapter to Flower's simulation engine and Ray: resources per client, how Ray starts,
-how many SuperNodes a simulation has, and what happens when a Ray worker dies.
+"""Flower's Ray backend as fedcl sets it up: resources per client, how Ray starts, how many
+SuperNodes a simulation has, and what happens when a Ray worker dies.
 
 Clients are data, not nodes: a message names the logical client it is for (``config["client"]``),
 so the federation's SuperNodes are execution slots and any number of them serves any number of
@@ -12,15 +12,13 @@ that leaves the cluster). Flower creates its actors with ``ClientAppActor.option
 so the resources below also carry Ray's own actor options: Ray restarts a dead actor
 (``max_restarts``) and runs the message it was processing again (``max_task_retries``). The
 client's state on disk is from before the round, so the retry is the same computation; the client
-reports that it ran on a restarted worker (``worker_restarted``). Whatever cannot be repaired that way
+reports that it ran on a restarted worker (``fedcl.client.app.worker_restarted``). Whatever cannot be repaired that way
 (the node's raylet, the GCS) ends the run with ``fedcl.errors.RuntimeLost``; see
-``fedcl.federation.simulation``.
+``fedcl.runtime.simulation``.
 """
 from __future__ import annotations
 
 import logging
-import sys
-import warnings
 
 from omegaconf import DictConfig
 
@@ -54,22 +52,3 @@ def num_slots(largest_round: int) -> int:
     """SuperNodes for a simulation whose largest round asks ``largest_round`` clients."""
     return max(1, min(int(largest_round), MAX_SLOTS))
 
-
-def worker_restarted() -> bool:
-    """True in the first message a Ray actor handles after Ray restarted it: the message its dead
-    predecessor was processing, run again (or, if it died between messages, the next one). Asked
-    once per process (it is a query to Ray's GCS)."""
-    global _ASKED
-    ray = sys.modules.get("ray")  # not imported: not in a Ray worker
-    if _ASKED or ray is None or not ray.is_initialized():
-        return False
-    _ASKED = True
-    try:
-        with warnings.catch_warnings():  # Ray's property reads Ray's own deprecated actor_id
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
-    except Exception:  # noqa: BLE001 - not in an actor (a driver, a task)
-        return False
-
-
-_ASKED = False

@@ -3,27 +3,41 @@
 A reply is rejected, with its reason, when an array is not finite, when its keys or shapes differ
 from what the round's other replies and the global state agree on, or when its update norm is far
 above the round's median (``strategy.max_norm_ratio``). What passes is then combined by the method,
-with ``strategy.robust`` (median / trimmed mean) against bad updates that look plausible.
+with the run's aggregation rule (``aggregator=``: median, trimmed mean, Krum) against bad updates
+that look plausible.
+
+What each array is comes from its method (``Method.array_role``): every array is checked for finite
+values and its layout; only updates (and head rows) count in the update norm. A release (a basis, a
+covariance, class statistics) updates nothing the server holds, and its size follows the client's
+data (a covariance sums over the client's rows): comparing it with other clients' would reject
+honest clients with much data. A basis may be as wide as its client's data needs.
 """
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
+
+from fedcl.methods.base import BASIS, RELEASES, UPDATE
 
 Reply = tuple[int, dict[str, np.ndarray], int]  # (client, arrays, num_examples)
 Rejection = tuple[int, str, str]                # (client, kind, reason)
 
 
 def screen(replies: list[Reply], global_arrays: dict[str, np.ndarray], max_norm_ratio: float,
-           varies: callable = lambda key: False, small_rounds: bool = True) -> tuple[list[Reply], list[Rejection]]:
+           role: Callable[[str], str] = lambda key: UPDATE,
+           small_rounds: bool = True) -> tuple[list[Reply], list[Rejection]]:
     """Split replies into accepted ones and rejections ``(client, kind, reason)``.
 
-    ``varies(key)`` says an array may legitimately differ in its last dimension between clients
-    (e.g. a client's basis keeps as many directions as its data needs). ``small_rounds=False``
-    skips the norm check of rounds with fewer than 3 replies: under client-level DP an honest
-    update is mostly noise and its norm says nothing against the global arrays'.
+    ``role(key)`` is the role the method declares for an array (``fedcl.methods.base.role_of``).
+    ``small_rounds=False`` skips the norm check of rounds with fewer than 3 replies: under
+    client-level DP an honest update is mostly noise and its norm says nothing against the global
+    arrays'.
     """
+    def varies(key):  # its last dimension may differ between honest clients
+        return role(key) == BASIS
+
     ok, rejected = [], []
     for client, arrays, n in replies:
         problem = _not_finite(arrays)
@@ -48,12 +62,13 @@ def screen(replies: list[Reply], global_arrays: dict[str, np.ndarray], max_norm_
             rejected.append((client, "shape", problem))
         else:
             kept.append((client, arrays, n))
-    norms = {client: update_norm(arrays, global_arrays) for client, arrays, _ in kept}
+    updates = {client: {k: v for k, v in arrays.items() if role(k) not in RELEASES} for client, arrays, _ in kept}
+    norms = {client: update_norm(arrays, global_arrays) for client, arrays in updates.items()}
     if len(kept) >= 3:  # the round's median says what a normal update norm is
         median = float(np.median(list(norms.values())))
         references = {c: (median, "round median") for c in norms}
     elif small_rounds:  # too few to vote: the norm of the global arrays they update
-        references = {c: (global_norm(arrays, global_arrays), "global arrays' norm") for c, arrays, _ in kept}
+        references = {c: (global_norm(arrays, global_arrays), "global arrays' norm") for c, arrays in updates.items()}
     else:
         references = {c: (0.0, "") for c in norms}
     huge = {c for c, v in norms.items() if references[c][0] > 0 and v > max_norm_ratio * references[c][0]}
@@ -65,7 +80,7 @@ def screen(replies: list[Reply], global_arrays: dict[str, np.ndarray], max_norm_
 
 def update_norm(arrays: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray]) -> float:
     """L2 norm of the update: the difference to the global array where one of the same shape
-    exists, else the array itself (new head rows, bases)."""
+    exists, else the array itself (head rows)."""
     total = 0.0
     for key, value in arrays.items():
         if not np.issubdtype(value.dtype, np.floating):

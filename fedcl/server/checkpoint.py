@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fedcl.client.store import atomic_save
 from fedcl.errors import ConfigError
-from fedcl.federation.server_state import pack, unpack
-from fedcl.federation.store import atomic_save
 from fedcl.report import atomic_write
+from fedcl.server.server_state import pack, unpack
 
 FOLDER = "checkpoint"
 

@@ -13,7 +13,7 @@ import time
 
 from flwr.app import ConfigRecord, Message
 
-from fedcl.federation import checkpoint
+from fedcl.server import checkpoint
 
 PULL_S = 0.05  # how often the server asks for replies while a round runs
 

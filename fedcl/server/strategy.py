@@ -10,20 +10,21 @@ Flower's own loop drives it. In a user's ``ServerApp``::
         strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(), num_rounds=strategy.num_rounds)
 
 Flower's server round ``r`` is the experiment's global round ``r``: a (task, phase, round) of the
-method's schedule (``fedcl.federation.schedule``). ``configure_train`` asks the round's clients
+method's schedule (``fedcl.server.schedule``). ``configure_train`` asks the round's clients
 (messages name the logical client; nodes are only execution slots) and sends each only the
 arrays it does not hold, of the arrays it is given; ``aggregate_train`` classifies failures,
 screens, combines with the method and the aggregation rule, evaluates centrally (the server
 holds the test split; clients do not evaluate) and returns the new global arrays, all of them,
 as Flower's loop expects. After the last round results.json is written (a callback).
 
-What Flower's loop does not do lives beside it: ``fedcl.federation.loop`` (resume from a
+What Flower's loop does not do lives beside it: ``fedcl.server.loop`` (resume from a
 checkpoint, replies decoded as they arrive) drives the same two methods for the ``fedcl``
 command, and cross-cutting concerns are server callbacks (``fedcl.hooks``) that see
-read-only reports (``fedcl.federation.reports``), never the strategy.
+read-only reports (``fedcl.server.reports``), never the strategy.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -38,19 +39,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedcl import metrics
 from fedcl.aggregation.rules import applied
+from fedcl.client.app import Stopwatch
+from fedcl.client.codec import content_bytes, from_record, to_record
 from fedcl.experiment import get_experiment, resolve_device
-from fedcl.federation.callbacks import Checkpointer, MetricsFile, Progress, ResultsWriter, RunDirectory
-from fedcl.federation.client_app import Stopwatch
-from fedcl.federation.codec import content_bytes, from_record, to_record
-from fedcl.federation.downlink import plan_parcels
-from fedcl.federation.evaluation import evaluate_tasks
-from fedcl.federation.faults import FaultInjection
-from fedcl.federation.reports import RoundReport, RunEnd, RunInfo, frozen
-from fedcl.federation.schedule import RoundPlan, asked, schedule
-from fedcl.federation.screening import screen
-from fedcl.federation.server_state import ServerState, pack, unpack
-from fedcl.federation.spool import ReplySpool, owned
+from fedcl.faults import FaultInjection
 from fedcl.hooks import ServerCallback, mechanisms
+from fedcl.methods.base import role_of
+from fedcl.server.callbacks import Checkpointer, MetricsFile, Progress, ResultsWriter, RunDirectory
+from fedcl.server.downlink import plan_parcels
+from fedcl.server.evaluation import evaluate_tasks
+from fedcl.server.reports import RoundReport, RunEnd, RunInfo, frozen
+from fedcl.server.schedule import RoundPlan, asked, schedule
+from fedcl.server.screening import screen
+from fedcl.server.server_state import ServerState, pack, unpack
+from fedcl.server.spool import ReplySpool, owned
 
 NODES_TIMEOUT_S = 300.0  # a slow start (a busy or remote Ray cluster) may take this long to show nodes
 POLL_S = 0.1
@@ -75,7 +77,7 @@ class _Round:
 class ContinualStrategy(Strategy):
     def __init__(self, cfg: DictConfig, run_dir: str, resume: bool = False,
                  callbacks: list[ServerCallback] | None = None, min_nodes: int = 1):
-        """``resume``: ``fedcl.federation.loop.run`` continues the run in ``run_dir`` from its
+        """``resume``: ``fedcl.server.loop.run`` continues the run in ``run_dir`` from its
         checkpoint. ``min_nodes``: SuperNodes to wait for before the first round (a simulation
         fedcl starts knows how many it made; any federation size works)."""
         self.cfg, self.run_dir, self.resume = cfg, str(run_dir), bool(resume)
@@ -106,9 +108,8 @@ class ContinualStrategy(Strategy):
                        callbacks: list[ServerCallback] | None = None) -> "ContinualStrategy":
         """A strategy for the config that ``fedcl <overrides>`` would run (validated the same way)."""
         from fedcl import config
-        from fedcl.federation.run_config import compose_config
 
-        cfg = compose_config(list(overrides))
+        cfg = config.compose_config(list(overrides))
         config.validate(cfg)
         config.validate_against_data(cfg, get_experiment(cfg).data.num_classes)
         return cls(cfg, run_dir, resume, callbacks)
@@ -134,13 +135,13 @@ class ContinualStrategy(Strategy):
 
     def client_app(self):
         """The matching ``ClientApp`` (same config, same run directory)."""
-        from fedcl.federation.client_app import make_client_app
+        from fedcl.client.app import make_client_app
 
         return make_client_app(self.cfg, self.run_dir)
 
     def backend_config(self) -> dict:
         """Ray resources per client for ``run_simulation`` (``ray.*`` in the config)."""
-        from fedcl.federation.runtime import backend_config
+        from fedcl.runtime.backend import backend_config
 
         return backend_config(self.cfg)
 
@@ -231,7 +232,7 @@ class ContinualStrategy(Strategy):
         before = self.state.global_arrays
         accepted, rejected = screen(sorted(candidates, key=lambda x: x[0]), before,
                                     float(ratio) if ratio is not None else float("inf"),
-                                    self.method.varies_across_clients,
+                                    functools.partial(role_of, self.method),
                                     small_rounds=not any(cb.noisy_updates for cb in self.callbacks))
         failures = sorted(failures + rejected, key=lambda f: f[0])
         if accepted:  # in client order: the float sum does not depend on which worker finished first

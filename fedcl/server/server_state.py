@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedcl.federation.downlink import DownlinkState
+from fedcl.server.downlink import DownlinkState
 
 
 @dataclass

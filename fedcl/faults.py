@@ -5,7 +5,7 @@ clean one, and tells each chosen client its fault in the round's config; the cli
 for real (raises, never replies, replies late, or corrupts what it sends). The server never reads
 the plan back when it judges replies: it sees only what a real server would see (an error reply, a
 reply that arrives after the deadline or never, arrays that fail screening, see
-``fedcl.federation.screening``).
+``fedcl.server.screening``).
 
 Lateness is simulated time, as in trace-driven FL simulators: each reply carries its arrival time,
 the seconds the client's round took plus any injected delay; a dropped client's reply never

@@ -1,13 +1,13 @@
 """The server callbacks every run has: the run directory, progress lines, metrics.csv, the
-checkpoint, results.json. Each sees only the read-only reports of ``fedcl.federation.reports``."""
+checkpoint, results.json. Each sees only the read-only reports of ``fedcl.server.reports``."""
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
 from fedcl import report
-from fedcl.federation import checkpoint
 from fedcl.hooks import ServerCallback
+from fedcl.server import checkpoint
 
 
 class RunDirectory(ServerCallback):

@@ -23,8 +23,8 @@ import traceback
 from omegaconf import DictConfig
 
 from fedcl.errors import ConfigError, RuntimeLost
-from fedcl.federation.faults import INJECTED_CRASH
-from fedcl.federation.runtime import backend_config, num_slots, ray_init_args
+from fedcl.faults import INJECTED_CRASH
+from fedcl.runtime.backend import backend_config, num_slots, ray_init_args
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -285,10 +285,10 @@ def run_simulation_here(cfg: DictConfig, run_dir: str, resume: bool = False, on_
     runs once results.json is written, before Flower and Ray shut down."""
     from flwr.simulation import run_simulation
 
+    from fedcl.client.app import make_client_app
     from fedcl.experiment import get_experiment
-    from fedcl.federation.client_app import make_client_app
-    from fedcl.federation.schedule import largest_round
-    from fedcl.federation.server_app import make_server_app
+    from fedcl.server.app import make_server_app
+    from fedcl.server.schedule import largest_round
 
     start_local_ray(cfg)
     check_resources(cfg, *node_resources(cfg))

@@ -112,7 +112,7 @@ class HeldArrays:
     and once per Ray worker's memory, instead of once per client. A client's own state records
     which version of each key it holds (``state["held"]``): the proof that it really received it.
     When version v of a key is written, older versions of that key are deleted: a client holding
-    an older one is always sent the new one (see ``fedcl.federation.downlink``).
+    an older one is always sent the new one (see ``fedcl.server.downlink``).
     """
 
     _memory: dict[tuple[str, str, int], object] = {}  # per process: (root, key, version) -> array
@@ -147,7 +147,7 @@ class HeldArrays:
 
     def prefix(self, key: str, version: int, columns: int):
         """Version ``version`` of a growing array (one that only gains columns, see
-        ``fedcl.federation.downlink``): its file, or the first ``columns`` of a later version's, which
+        ``fedcl.server.downlink``): its file, or the first ``columns`` of a later version's, which
         hold the same values (the server sends a growing array as new columns only if they do)."""
         if self._path(key, version).exists() or (str(self.root), key, int(version)) in self._memory:
             return self.get(key, version)

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from fedcl.federation.schedule import RoundPlan
+from fedcl.server.schedule import RoundPlan
 
 
 @dataclass(frozen=True)

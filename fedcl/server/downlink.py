@@ -9,7 +9,7 @@ round failed keep their old sync point, so they are sent what they missed next t
 
 Every message also carries a manifest (each key the client needs this round, with its version):
 the client takes the arrays that came with the message and the rest from what it holds (see
-``fedcl.federation.store.HeldArrays``). Clients that need the same keys in a round share one
+``fedcl.client.store.HeldArrays``). Clients that need the same keys in a round share one
 serialised ArrayRecord and one manifest: the driver holds one copy per distinct content, not one
 per sampled client.
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ConfigRecord
 
-from fedcl.federation.codec import to_record
+from fedcl.client.codec import to_record
 
 
 @dataclass
