@@ -51,7 +51,16 @@ from torch import nn
 from fedcl.aggregation.lora import aggregate_lora, check_scheme
 from fedcl.aggregation.rules import MEAN, AggregationRule
 from fedcl.errors import ConfigError
-from fedcl.methods.base import ClientRound, Method, autocast, local_batches, local_optimizer, weighted_mean
+from fedcl.methods.base import (
+    RELEASE,
+    UPDATE,
+    ClientRound,
+    Method,
+    autocast,
+    local_batches,
+    local_optimizer,
+    weighted_mean,
+)
 from fedcl.methods.icarl import ICaRL
 from fedcl.methods.replay import Replay, reservoir
 from fedcl.models.dlc_plugins import DLCNet, resolve_stages
@@ -285,6 +294,10 @@ class DLC(Method):
             else:
                 up[COUNTS] = torch.from_numpy(model.mix_counts)
         return up
+
+    def array_role(self, key: str) -> str:
+        """The calibration's scores are statistics of held-out rows, not an update of anything."""
+        return RELEASE if key == COUNTS else UPDATE
 
     # ---- server side ---------------------------------------------------------------------
     def phases(self, task: int, rounds: int) -> list[str]:
