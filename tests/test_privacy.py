@@ -380,3 +380,16 @@ def test_every_trained_array_a_lora_method_sends_is_clipped_and_noised(make_cfg,
     sent = np.sqrt(sum(((out[k].astype(np.float64) - refs[k]) ** 2).sum() for k in refs
                        if np.issubdtype(out[k].dtype, np.floating)))
     assert sent == pytest.approx(1e-3, rel=1e-3)  # the whole trained update, clipped to the bound
+
+
+def test_privacy_plans_every_round_that_trains_as_an_update(make_cfg):
+    """The method says which phases carry updates: DLC's shared rounds train the base and its parts,
+    its calibration of its own only releases counts; DualLoRA's basis rounds release bases."""
+    from fedcl.privacy.settings import planned_messages
+
+    shared = planned_messages(make_cfg(*TINY, "method=dlc", "privacy=client_dp"), 0)
+    assert all(u == 4 and b == 0 for u, b in shared), shared           # 2 tasks x 2 rounds, all updates
+    extra = planned_messages(make_cfg(*TINY, "method=dlc", "method.rounds=extra", "privacy=client_dp"), 0)
+    assert all(u == 8 and b == 2 for u, b in extra), extra             # train x2, plugin, weighting | calibrate
+    dual = planned_messages(make_cfg(*TINY, *DUAL, "privacy=client_dp"), 0)
+    assert all(b > 0 for _, b in dual), dual

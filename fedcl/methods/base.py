@@ -120,6 +120,11 @@ class Method:
         """The server's global state at the start: arrays it sends down."""
         return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
+    def sends_update(self, phase: str) -> bool:
+        """Whether a round of ``phase`` carries trained updates (privacy plans and admits it as an
+        update message); other phases (e.g. DualLoRA's ``basis_*``) release statistics of the data."""
+        return phase == "train"
+
     def phases(self, task: int, rounds: int) -> list[str]:
         """The communication rounds of a task, in order."""
         return ["train"] * rounds

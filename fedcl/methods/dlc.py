@@ -295,6 +295,11 @@ class DLC(Method):
                 up[COUNTS] = torch.from_numpy(model.mix_counts)
         return up
 
+    def sends_update(self, phase: str) -> bool:
+        """Every round but a calibration of its own trains something (the base, a plugin, the head,
+        the weighting unit)."""
+        return phase != "calibrate"
+
     def array_role(self, key: str) -> str:
         """The calibration's scores are statistics of held-out rows, not an update of anything."""
         return RELEASE if key == COUNTS else UPDATE

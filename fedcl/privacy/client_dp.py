@@ -100,13 +100,16 @@ def refuses(cfg, client: int, task: int, state: dict, phase: str = "train") -> b
     s = privacy_settings(cfg)
     if not s.private_task(task):
         return False
-    return not client_account(s, client, state).can_afford(next_steps(s, client, phase))
+    from fedcl.experiment import get_experiment
+
+    update = get_experiment(cfg).method.sends_update(phase)
+    return not client_account(s, client, state).can_afford(next_steps(s, client, update))
 
 
-def next_steps(s: PrivacySettings, client: int, phase: str) -> list[tuple[float, float]]:
-    """The accounted mechanism of a message in ``phase``: ``train`` rounds carry an update, every
-    other phase (e.g. DualLoRA's ``basis_*``) bases, accounted only when they are noised."""
-    if phase == "train":
+def next_steps(s: PrivacySettings, client: int, update: bool) -> list[tuple[float, float]]:
+    """The accounted mechanism of a message: an update (the method's ``sends_update`` phases), or
+    bases (e.g. DualLoRA's ``basis_*``), accounted only when they are noised."""
+    if update:
         c = s.client(client)
         return [(c.noise_multiplier, c.sample_rate)] if s.client_level else []
     return [(s.basis_noise_multiplier, 1.0)] if s.bases == "noisy_covariance" else []

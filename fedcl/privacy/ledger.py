@@ -53,10 +53,12 @@ class PrivacyLedger:
         exhausted (an exhausted client is never asked again)."""
         if not self.s.private_task(task):
             return sampled
-        keep = []
+        from fedcl.experiment import get_experiment
+
+        keep, update = [], get_experiment(self.cfg).method.sends_update(phase)
         for c in sampled:
             acc = self.accounts[c]
-            if acc.exhausted or not acc.can_afford(next_steps(self.s, c, phase)):
+            if acc.exhausted or not acc.can_afford(next_steps(self.s, c, update)):
                 if not acc.exhausted:
                     acc.exhausted, acc.exhausted_at = True, {"task": task, "round": rnd}
                 continue

@@ -197,8 +197,8 @@ def _settings(key: str) -> PrivacySettings:
 
 def planned_messages(cfg: DictConfig, start_task: int) -> list[tuple[int, int]]:
     """Per client: (update messages, other data-dependent messages) the server's schedule asks
-    for in private tasks, if nobody stops early. ``train`` phases carry updates; every other
-    phase of a method (e.g. DualLoRA's ``basis_*``) is counted as a basis release."""
+    for in private tasks, if nobody stops early. The method says which phases carry updates
+    (``sends_update``); every other phase (e.g. DualLoRA's ``basis_*``) is counted as a basis release."""
     from fedcl.experiment import get_experiment
     from fedcl.server.schedule import asked, schedule
 
@@ -207,7 +207,7 @@ def planned_messages(cfg: DictConfig, start_task: int) -> list[tuple[int, int]]:
     for plan in schedule(cfg, method):
         if plan.task >= start_task:
             for c in asked(cfg, method, plan):
-                counts[c][0 if plan.phase == "train" else 1] += 1
+                counts[c][0 if method.sends_update(plan.phase) else 1] += 1
     return [tuple(c) for c in counts]
 
 
