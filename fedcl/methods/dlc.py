@@ -198,7 +198,7 @@ class DLC(Method):
         n = 0
         for step in steps:
             if step == "calibrate":
-                n = self.count_correct(model, holdout, ctx, state)
+                n = self.score_mixes(model, holdout, ctx, state)
             elif step not in ("plugin", "weighting"):
                 raise ValueError(f"DLC has no phase {ctx.phase!r}")
             elif len(rows):
@@ -255,7 +255,7 @@ class DLC(Method):
             opt.step()
 
     @torch.no_grad()
-    def count_correct(self, model: DLCNet, rows: np.ndarray, ctx: ClientRound, state: dict) -> int:
+    def score_mixes(self, model: DLCNet, rows: np.ndarray, ctx: ClientRound, state: dict) -> int:
         """Per task, on the held-out rows, for every candidate mix: the summed negative log-likelihood
         of the mixed prediction and the correct predictions; and the rows. A (tasks, 2 mixes + 1)
         array kept for ``payload``."""
@@ -326,7 +326,7 @@ class DLC(Method):
         steps = phase.split("+")
         if steps[0] == "train":
             g.update(weighted_mean([({k: v for k, v in r.items() if is_base(k)}, n) for r, n in replies], rule))
-            if len(steps) == 1:  # the path's head starts from the base head (rounds=extra)
+            if len(steps) == 1:  # a plain base round: the next plugin step starts from this head
                 g["dlc_head.weight"], g["dlc_head.bias"] = g["head.weight"], g["head.bias"]
                 return g
             replies = [({k: v for k, v in r.items() if not is_base(k)}, n) for r, n in replies]
