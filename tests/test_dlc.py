@@ -75,10 +75,35 @@ def test_at_initialisation_dlc_predicts_what_its_base_predicts(make_cfg):
     model.mode = "plain"
     base = model(x)[:, :6].argmax(1)
     assert torch.equal(m.predict(model, x, 6), base)
-    model.mix.fill_(1.0)                         # the plugin path alone: B = 0, head copied, uniform weights
+    model.mix.fill_(1.0)                         # the plugin path alone: B = 0, residual head 0, uniform weights
     model.tasks_in_use, model.mode = 3, "dlc"
     assert torch.allclose(model(x), exp.new_model(prepared=False)(x), atol=1e-5)
     assert torch.equal(m.predict(model, x, 6), base)
+
+
+def test_the_plugin_paths_head_is_a_residual_that_follows_the_base_head(make_cfg):
+    """The path classifies with the base head plus its residual: a correction learnt on the base of
+    one round still applies when the base head has moved on (as it does in the round after)."""
+    cfg = make_cfg(*SMALL, "method.memory_total=40")
+    exp = get_experiment(cfg)
+    m, model = exp.method, exp.new_model()
+    m.client_update(model, client_round(cfg, 0, 0, 0, "train+plugin+weighting"), {})
+    x = exp.test_images(np.arange(32))
+    model.tasks_in_use, model.mode = 1, "dlc"
+    residual = model.dlc_head.weight.detach().clone()
+    assert residual.abs().sum() > 0                  # the residual trained
+    before = model(x).detach()
+    z = model.representations(x)[0]
+    with torch.no_grad():
+        moved = torch.randn_like(model.head.weight)
+        shift = z @ (moved - model.head.weight).T
+        model.head.weight.copy_(moved)
+    assert torch.allclose(model(x), before + shift, atol=1e-4)
+    at_start = []
+    train_plugin = m.train_plugin
+    m.train_plugin = lambda net, *a: (at_start.append(net.dlc_head.weight.abs().sum().item()), train_plugin(net, *a))
+    m.client_update(model, client_round(cfg, 0, 1, 0, "train+plugin+weighting"), {})
+    assert at_start == [0.0]                         # a new task's residual starts afresh
 
 
 @pytest.mark.parametrize("model_name", ["small_cnn", "resnet18"])

@@ -5,7 +5,8 @@ as a plug-in that contains its base.
 Model (``fedcl.models.dlc_plugins``): the backbone and its ``head`` are the base method's model.
 Plugin t (a conv-LoRA pair per layer of the deep stage, ``method.stages``) turns an input's shallow
 activation into task t's representation f_t; the weighting unit scores every f_t, softmax over the
-seen tasks' plugins, and ``dlc_head`` classifies the weighted sum: the plugin path. DLC predicts
+seen tasks' plugins, and the base head plus a residual ``dlc_head`` classifies the weighted sum: the
+plugin path. DLC predicts
 from (1 - mix) log p_base + mix log p_path, with ``mix`` chosen by the server on held-out rows
 after each task; it starts at 0 (the base's prediction) and stays there while the plugin path does
 not help.
@@ -15,9 +16,10 @@ Each task t, in communication rounds (``method.rounds``):
 1. ``train``: the base method's own rounds (``method.base``: ``replay`` or ``icarl``), on the bare
    backbone + head. The base is the same model ``method=<base>`` trains: DLC never moves it.
 2. plugin: the base is frozen (its BatchNorm statistics included: the whole base runs in eval
-   mode); plugin t and ``dlc_head`` train on task t's rows paired with memory batches (ER steps),
-   cross-entropy over all seen classes of ``dlc_head(f_t)``. ``dlc_head`` starts each task as a copy
-   of the base head. Plugins are aggregated by ``strategy.lora_aggregation`` (``ffa``, the default
+   mode); plugin t and ``dlc_head`` train on task t's rows and the memory, class-balanced,
+   cross-entropy over all seen classes of ``head(f_t) + dlc_head(f_t)``. The residual ``dlc_head``
+   starts each task at zero, so the path starts as the base's own classifier; being a residual, the
+   correction it learns on the base of one round carries over to the base's head of the next. Plugins are aggregated by ``strategy.lora_aggregation`` (``ffa``, the default
    here: A stays at its shared seeded initial value and only B trains, so the mean of B A is exact;
    ``fedit`` would shrink B A when clients disagree).
 3. weighting: with everything else frozen, the weighting unit learns to name each row's task from
@@ -203,8 +205,8 @@ class DLC(Method):
                 raise ValueError(f"DLC has no phase {ctx.phase!r}")
             elif len(rows):
                 if step == "plugin":
-                    if self.rounds == "shared":  # the path's head starts from the base head it shares a round with
-                        model.dlc_head.load_state_dict(model.head.state_dict())
+                    if self.rounds == "shared":  # the path's residual head starts the task at zero
+                        model.reset_path_head()
                     self.train_plugin(model, np.concatenate([rows, memory]), ctx)
                 else:
                     self.train_weighting(model, np.concatenate([rows, memory]), ctx)
@@ -230,7 +232,7 @@ class DLC(Method):
             with autocast(ctx):
                 with torch.no_grad():
                     h = model.shallow(x)
-                logits = model.dlc_head(model.deep(h, ctx.task))[:, :ctx.seen_classes]
+                logits = model.path_head(model.deep(h, ctx.task))[:, :ctx.seen_classes]
                 w = class_weight[y]
                 loss = (w * F.cross_entropy(logits, y, reduction="none")).sum() / w.sum()
             opt.zero_grad(set_to_none=True)
@@ -326,8 +328,9 @@ class DLC(Method):
         steps = phase.split("+")
         if steps[0] == "train":
             g.update(weighted_mean([({k: v for k, v in r.items() if is_base(k)}, n) for r, n in replies], rule))
-            if len(steps) == 1:  # a plain base round: the next plugin step starts from this head
-                g["dlc_head.weight"], g["dlc_head.bias"] = g["head.weight"], g["head.bias"]
+            if len(steps) == 1:  # a plain base round: the next plugin step starts its residual head at zero
+                g["dlc_head.weight"] = np.zeros_like(g["dlc_head.weight"])
+                g["dlc_head.bias"] = np.zeros_like(g["dlc_head.bias"])
                 return g
             replies = [({k: v for k, v in r.items() if not is_base(k)}, n) for r, n in replies]
         if "calibrate" in steps:  # counts add up over clients; ties go to the smaller mix (the base)
@@ -377,8 +380,8 @@ class DLC(Method):
         rate = lambda logits: float((logits.argmax(1) == y).float().mean())
         return {"dlc": float((self.predict(model, x, seen) == y).float().mean()),
                 "base": rate(model.head(plain)[:, :seen]), "plugin_path": rate(path),
-                "plugins_off": rate(model.dlc_head(plain)[:, :seen]),
-                "oracle_plugin": rate(model.dlc_head(reps[task, torch.arange(len(x))])[:, :seen]),
+                "plugins_off": rate(model.path_head(plain)[:, :seen]),
+                "oracle_plugin": rate(model.path_head(reps[task, torch.arange(len(x))])[:, :seen]),
                 "task_id": float((weights.argmax(1) == task).float().mean()),
                 "target_weight": float(weights[torch.arange(len(x)), task].mean())}
 

@@ -9,8 +9,10 @@ name: ``<layer>.lora_A.<t>.weight``). ``active`` picks the plugin the next forwa
 ``DLCNet`` splits the backbone's top-level children into a shallow part, run once per input, and
 a deep part (from the first plugin stage on), run once per plugin: plugin t turns the shallow
 activation into task t's representation f_t. The weighting unit scores each f_t with its own
-linear scorer, takes a softmax over the plugins in use, and ``dlc_head`` classifies
-sum_t alpha_t f_t (the plugin path). The base is the bare backbone and its own ``head``.
+linear scorer, takes a softmax over the plugins in use, and the base ``head`` plus a residual
+``dlc_head`` (zero at the start) classifies sum_t alpha_t f_t (the plugin path). A residual rather
+than a head of its own: the correction it learns on the base of one round still applies when the
+base's head has moved on with its features in the next. The base is the bare backbone and its own ``head``.
 The prediction mixes the two: (1 - mix) log p_base + mix log p_plugin_path, with ``mix`` (a buffer,
 0 at the start) chosen by the server on held-out rows: at 0 the model predicts what its base does.
 """
@@ -109,8 +111,8 @@ class DLCNet(nn.Module):
         if not self.plugin_layers:
             raise ConfigError(f"method.stages={stages} hold no Conv2d/Linear layer to put plugins in.")
         self.weighting = WeightingUnit(num_tasks, head.in_features)
-        self.dlc_head = nn.Linear(head.in_features, head.out_features)
-        self.dlc_head.load_state_dict(head.state_dict())  # the plugin path starts as the base's classifier
+        self.dlc_head = nn.Linear(head.in_features, head.out_features)  # the path's residual on ``head``
+        self.reset_path_head()                            # the plugin path starts as the base's classifier
         self.register_buffer("mix", torch.zeros(1))       # weight of the plugin path in the prediction
         self.num_tasks = num_tasks
         self.tasks_in_use = 1            # plugins 0 .. tasks_in_use-1 are combined
@@ -128,6 +130,15 @@ class DLCNet(nn.Module):
     def plugin_parameters(self, task: int) -> list[nn.Parameter]:
         return [p for layer in self.layers() for p in (*layer.lora_A[task].parameters(),
                                                        *layer.lora_B[task].parameters())]
+
+    @torch.no_grad()
+    def reset_path_head(self) -> None:
+        self.dlc_head.weight.zero_()
+        self.dlc_head.bias.zero_()
+
+    def path_head(self, z: torch.Tensor) -> torch.Tensor:
+        """The plugin path's classifier: the base head plus the residual ``dlc_head``."""
+        return self.head(z) + self.dlc_head(z)
 
     # ---- forward ------------------------------------------------------------------------
     def _run(self, x: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
@@ -155,7 +166,7 @@ class DLCNet(nn.Module):
         """Logits of the plugin path from the plugins' representations (T, N, D)."""
         weights = torch.softmax(self.weighting(reps), dim=1)        # (N, T)
         self.last_weights = weights
-        return self.dlc_head(torch.einsum("nt,tnd->nd", weights, reps))
+        return self.path_head(torch.einsum("nt,tnd->nd", weights, reps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the current ``mode``: the base's, or the plugin path's."""
