@@ -19,9 +19,10 @@ Each task t, in communication rounds (``method.rounds``):
    mode); plugin t and ``dlc_head`` train on task t's rows and the memory, class-balanced,
    cross-entropy over all seen classes of ``head(f_t) + dlc_head(f_t)``. The residual ``dlc_head``
    starts each task at zero, so the path starts as the base's own classifier; being a residual, the
-   correction it learns on the base of one round carries over to the base's head of the next. Plugins are aggregated by ``strategy.lora_aggregation`` (``ffa``, the default
-   here: A stays at its shared seeded initial value and only B trains, so the mean of B A is exact;
-   ``fedit`` would shrink B A when clients disagree).
+   correction it learns on the base of one round carries over to the base's head of the next.
+   Plugins are aggregated by ``strategy.lora_aggregation`` (``ffa``, the default here: A stays at
+   its shared seeded initial value and only B trains, so the mean of B A is exact; ``fedit`` would
+   shrink B A when clients disagree).
 3. weighting: with everything else frozen, the weighting unit learns to name each row's task from
    the plugins' representations, computed without gradient (so its loss never reaches a plugin), on
    the client's memory plus task t's rows, each class weighted by 1 / its count there.
