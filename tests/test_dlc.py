@@ -8,7 +8,7 @@ import torch
 from fedcl.client.app import client_round
 from fedcl.errors import ConfigError
 from fedcl.experiment import get_experiment
-from fedcl.methods.dlc import COUNTS, DLC, MIXES, is_base, is_plugin, plugin_task
+from fedcl.methods.dlc import CANDIDATES, COUNTS, DLC, STATS, is_base, is_plugin, lda_classifier, plugin_task
 from fedcl.methods.replay import Replay
 from fedcl.models.backbones import build_model
 from fedcl.models.dlc_plugins import PluginLayer
@@ -84,7 +84,7 @@ def test_at_initialisation_dlc_predicts_what_its_base_predicts(make_cfg):
 def test_the_plugin_paths_head_is_a_residual_that_follows_the_base_head(make_cfg):
     """The path classifies with the base head plus its residual: a correction learnt on the base of
     one round still applies when the base head has moved on (as it does in the round after)."""
-    cfg = make_cfg(*SMALL, "method.memory_total=40")
+    cfg = make_cfg(*SMALL, "method.memory_total=40", "method.path_head=sgd", "method.residual=true")
     exp = get_experiment(cfg)
     m, model = exp.method, exp.new_model()
     m.client_update(model, client_round(cfg, 0, 0, 0, "train+plugin+weighting"), {})
@@ -135,7 +135,7 @@ def test_train_rounds_train_the_base_exactly_as_the_base_method(make_cfg, model_
     up = exp.method.payload(dlc, client_round(cfg, 0, 1, 0))
     assert up and all(is_base(k) for k in up)
     up = exp.method.payload(shared, client_round(cfg, 0, 1, 0, "train+plugin+weighting"))
-    assert {k for k in up if not is_base(k)} >= {"weighting.weight", "dlc_head.weight"}
+    assert {k for k in up if not is_base(k)} >= {"weighting.weight", STATS}
 
 
 def test_a_shared_round_trains_dlc_on_the_base_as_received(make_cfg, monkeypatch):
@@ -196,15 +196,15 @@ def test_plugin_and_weighting_rounds_leave_the_base_and_earlier_plugins_alone(ma
         changed = {k for k in g if not np.array_equal(after[k].numpy(), g[k])}
         up = m.payload(client, ctx)
         if phase == "plugin":
-            assert any(is_plugin(k) and plugin_task(k) == 2 for k in changed) and "dlc_head.weight" in changed
-            assert "weighting.weight" not in changed
-            # ffa: only B of plugin 2 and the head go up (A stays at its shared seeded value)
-            assert all((is_plugin(k) and plugin_task(k) == 2 and ".lora_B." in k) or k.startswith("dlc_head.")
-                       for k in up), sorted(up)
+            assert any(is_plugin(k) and plugin_task(k) == 2 for k in changed)
+            assert "weighting.weight" not in changed   # lda: the path's head is the base head's copy, untrained
+            assert torch.equal(after["dlc_head.weight"], after["head.weight"])
+            # ffa: only B of plugin 2 goes up (A stays at its shared seeded value)
+            assert all(is_plugin(k) and plugin_task(k) == 2 and ".lora_B." in k for k in up), sorted(up)
         else:
             assert changed == {"weighting.weight", "weighting.bias"}    # its loss moved nothing else
             assert all(p.grad is None for n, p in client.named_parameters() if is_plugin(n))
-            assert sorted(up) == ["weighting.bias", "weighting.weight"]
+            assert sorted(up) == [STATS, "weighting.bias", "weighting.weight"]   # and the path's statistics
 
 
 def test_weighting_round_pulls_weight_to_the_samples_task(make_cfg):
@@ -228,12 +228,49 @@ def test_weighting_round_pulls_weight_to_the_samples_task(make_cfg):
     assert target_weight() > 0.6
 
 
+def test_lda_head_is_the_pooled_rows_classifier_with_equal_class_priors():
+    """The server's path classifier from summed client statistics: with equal class counts it predicts
+    what scikit-learn's LDA (equal priors, no shrinkage) predicts; with one class 100 times rarer it
+    still gives that class its share (equal priors), where the counts would bury it."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    rng = np.random.default_rng(0)
+    d, means = 6, rng.normal(0, 1.2, (3, 6))
+
+    def rows(counts):
+        y = np.repeat(np.arange(3), counts)
+        return means[y] + rng.normal(size=(len(y), d)), y
+
+    def stats(z, y):  # what DLC.path_statistics sums on a client
+        s = np.zeros((4 + d, d + 1))          # 4 classes in the model, class 3 never seen
+        np.add.at(s[:, :d], y, z)
+        np.add.at(s[:, d], y, 1.0)
+        s[-d:, :d] = z.T @ z
+        return s
+
+    z, y = rows([300, 300, 300])
+    parts = np.array_split(rng.permutation(len(y)), 3)           # three clients, any split
+    w, b = lda_classifier(sum(stats(z[p], y[p]) for p in parts), 0.0)
+    pooled = lda_classifier(stats(z, y), 0.0)
+    assert np.allclose(w, pooled[0]) and np.allclose(b, pooled[1])
+    assert not w[3].any() and b[3] == 0
+    zt, yt = rows([500, 500, 500])
+    ours = (zt @ w[:3].T + b[:3]).argmax(1)
+    ref = LinearDiscriminantAnalysis(priors=np.full(3, 1 / 3)).fit(z, y).predict(zt)
+    assert (ours == ref).mean() > 0.995
+    z, y = rows([1000, 1000, 10])
+    w, b = lda_classifier(stats(z, y), 0.1)
+    rare = (zt[yt == 2] @ w[:3].T + b[:3]).argmax(1)
+    counted = LinearDiscriminantAnalysis().fit(z, y).predict(zt[yt == 2])  # priors from the counts
+    assert (rare == 2).mean() > (counted == 2).mean() + 0.05, ((rare == 2).mean(), (counted == 2).mean())
+
+
 def test_calibration_picks_the_mix_with_the_lowest_held_out_loss_over_tasks_and_prefers_the_base(make_cfg):
     cfg = make_cfg(*SMALL)
     exp = get_experiment(cfg)
     m = exp.method
     g = m.init_global(exp.new_model())
-    k = len(MIXES)
+    k = len(CANDIDATES)
 
     def scores(per_task):  # {task: (summed NLL per mix, rows)}
         c = np.zeros((5, 2 * k + 1), np.float32)
@@ -241,14 +278,15 @@ def test_calibration_picks_the_mix_with_the_lowest_held_out_loss_over_tasks_and_
             c[t, :k], c[t, -1] = nll, rows
         return c
 
-    # pooled, mix 0 has the lowest loss (many rows of task 0); per task, mix 1 (0.2 + 0.1 against 0.1 + 1)
-    lin = np.linspace(0, 1, k)
+    # pooled, mix 0 has the lowest loss (many rows of task 0); per task, mix 0.7 at temperature 8
+    lin, j = np.linspace(0, 1, k), CANDIDATES.index((0.7, 8.0))
     better = m.aggregate(g, [({COUNTS: scores({0: (100 * (0.1 + 0.1 * lin), 100)})}, 10),
-                             ({COUNTS: scores({1: (10 * (1 - 0.9 * lin), 10)})}, 10)], 1, "calibrate")
-    assert float(better["mix"][0]) == 1.0 and better["dlc_mix_by_task"][1] == 1.0
+                             ({COUNTS: scores({1: (10 * (1 + np.abs(lin - lin[j])), 10)})}, 10)], 1, "calibrate")
+    assert better["mix"][0] == np.float32(0.7) and float(better["temperature"][0]) == 8.0
+    assert better["dlc_mix_by_task"][1] == np.float32(0.7) and better["dlc_temperature_by_task"][1] == 8.0
     tie = m.aggregate(g, [({COUNTS: scores({0: (np.full(k, 3.0), 9), 2: (np.full(k, 1.0), 3)})}, 10)], 2,
                       "calibrate")
-    assert float(tie["mix"][0]) == 0.0
+    assert float(tie["mix"][0]) == 0.0 and float(tie["temperature"][0]) == 1.0
     # a client's calibrate round scores its held-out rows, which no plugin round trained on
     model, state = exp.new_model(), {}
     ctx = client_round(cfg, 0, 1, 0, "calibrate")
@@ -258,7 +296,8 @@ def test_calibration_picks_the_mix_with_the_lowest_held_out_loss_over_tasks_and_
     c = m.payload(model, ctx)[COUNTS].numpy()
     assert c.shape == (5, 2 * k + 1) and c[:, -1].sum() == n and c[2:].sum() == 0     # tasks 0 and 1 only
     assert c[1, -1] == len(current) and (c[:, k:-1] <= c[:, -1:]).all() and (c[:2, :k] > 0).all()
-    assert np.allclose(c[:, 0], c[:, k - 1]) and (c[:, k] == c[:, 2 * k - 1]).all()  # at init: the same predictions
+    path_alone = CANDIDATES.index((1.0, 1.0))  # at init the path predicts what the base does
+    assert np.allclose(c[:, 0], c[:, path_alone]) and (c[:, k] == c[:, 2 * k - 1]).all()
 
 
 def test_config_errors_are_clear(make_cfg):
@@ -298,9 +337,9 @@ def test_dlc_simulation_sends_only_what_each_round_trains(tmp_path, make_cfg):
         dlc_keys = {k for k in keys if not is_base(k)}
         assert keys - dlc_keys <= base_keys and keys - dlc_keys, sorted(keys)   # the base, as its method sends it
         if phase == "train+plugin+weighting":
-            assert all((is_plugin(k) and plugin_task(k) == task) or k.startswith(("dlc_head.", "weighting."))
-                       for k in dlc_keys), dlc_keys
-            assert {"weighting.weight", "weighting.bias", "dlc_head.weight"} <= dlc_keys
+            assert all((is_plugin(k) and plugin_task(k) == task) or k.startswith("weighting.") or k == STATS
+                       for k in dlc_keys), dlc_keys                # path_head=lda: the server builds the head
+            assert {"weighting.weight", "weighting.bias", STATS} <= dlc_keys
         else:
             assert dlc_keys == {COUNTS}
     params = results["parameters"]
@@ -328,8 +367,9 @@ def oracle_accuracy(make_cfg, *overrides):
 
 def test_plugins_carry_task_information(make_cfg):
     """Plugin 1 alone must carry task 1: with the base (trained on task 0 only) and the head frozen
-    (method.head_lr=0), the head on each sample's own plugin beats the same rounds with every plugin
-    switched off (method.alpha=0). Measured: 0.66 against 0.50."""
-    with_plugins = oracle_accuracy(make_cfg, "method.head_lr=0", "method.plugin_lr=0.1")
-    without = oracle_accuracy(make_cfg, "method.head_lr=0", "method.plugin_lr=0.1", "method.alpha=0")
+    (method.path_head=sgd, method.head_lr=0), the head on each sample's own plugin beats the same rounds
+    with every plugin switched off (method.alpha=0). Measured: 0.66 against 0.50."""
+    frozen_head = ("method.path_head=sgd", "method.head_lr=0", "method.plugin_lr=0.1")
+    with_plugins = oracle_accuracy(make_cfg, *frozen_head)
+    without = oracle_accuracy(make_cfg, *frozen_head, "method.alpha=0")
     assert with_plugins > without + 0.1, (with_plugins, without)

@@ -27,7 +27,8 @@ Each task t, in communication rounds (``method.rounds``):
    the plugins' representations, computed without gradient (so its loss never reaches a plugin), on
    the client's memory plus task t's rows, each class weighted by 1 / its count there.
 4. calibrate: every client scores, on its held-out rows of each task, each candidate mix in
-   ``MIXES`` (negative log-likelihood of the mixed prediction, and hits); the server sums the scores
+   ``CANDIDATES`` (a mix and the path's temperature: negative log-likelihood of the mixed
+   prediction, and hits); the server sums the scores
    and keeps the mix with the lowest mean over tasks of held-out NLL (ties: the smallest, i.e. the
    base).
 
@@ -71,8 +72,13 @@ from fedcl.models.dlc_plugins import DLCNet, resolve_stages
 BASES = ("replay", "icarl")
 ROUNDS = ("shared", "extra")
 MIXES = tuple(i / 10 for i in range(11))  # candidate weights of the plugin path in the prediction
+TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # candidate temperatures of the plugin path's logits
+CANDIDATES = tuple((lam, tau) for lam in MIXES for tau in TEMPERATURES)  # in order of preference on ties
 COUNTS = "mix_scores"                # a calibrate reply: per task, NLL and hits per candidate mix, and rows
+STATS = "path_statistics"            # a weighting reply (path_head=lda): per-class feature sums and counts, Gram
+PATH_HEADS = ("lda", "sgd")
 TASK_MIX = "dlc_mix_by_task"         # the server's record of the mix chosen after each task
+TASK_TEMPERATURE = "dlc_temperature_by_task"  # and of the path's temperature
 
 
 def is_plugin(key: str) -> bool:
@@ -85,7 +91,8 @@ def plugin_task(key: str) -> int:
 
 def is_dlc_part(key: str) -> bool:
     """Plugins, weighting unit, DLC head, mix: what DLC adds to the base model."""
-    return is_plugin(key) or key.startswith(("weighting.", "dlc_head.")) or key in ("mix", TASK_MIX, COUNTS)
+    return is_plugin(key) or key.startswith(("weighting.", "dlc_head.")) or key in (
+        "mix", "temperature", TASK_MIX, TASK_TEMPERATURE, COUNTS, STATS)
 
 
 def is_base(key: str) -> bool:
@@ -100,7 +107,8 @@ class DLC(Method):
                  kd_weight: float = 1.0, temperature: float = 2.0, stages="auto", rank: int = 2,
                  alpha: float = 4.0, plugin_rounds: int = 1, weighting_rounds: int = 1,
                  plugin_lr: float | None = None, head_lr: float = 0.005, holdout_fraction: float = 0.1,
-                 holdout_total: int = 500, rounds: str = "shared"):
+                 holdout_total: int = 500, rounds: str = "shared", path_head: str = "lda",
+                 residual: bool = False, lda_shrinkage: float = 0.1):
         super().__init__(name)
         if base not in BASES:
             raise ConfigError(f"method.base={base!r} is unknown. Choose one of {list(BASES)}.")
@@ -120,6 +128,12 @@ class DLC(Method):
             raise ConfigError(f"method.holdout_fraction={holdout_fraction} must be in (0, 1) and method.holdout_total="
                               f"{holdout_total} >= 1: DLC chooses its mix on held-out rows.")
         self.plugin_rounds, self.weighting_rounds = int(plugin_rounds), int(weighting_rounds)
+        if path_head not in PATH_HEADS:
+            raise ConfigError(f"method.path_head={path_head!r} is unknown. Choose lda (the server builds the plugin "
+                              "path's classifier from the clients' feature statistics) or sgd (clients train it).")
+        if not 0 <= float(lda_shrinkage) <= 1:
+            raise ConfigError(f"method.lda_shrinkage={lda_shrinkage} must be in [0, 1].")
+        self.path_head, self.residual, self.lda_shrinkage = path_head, bool(residual), float(lda_shrinkage)
         self.plugin_lr = None if plugin_lr is None else float(plugin_lr)
         self.head_lr = float(head_lr)
         self.holdout_fraction, self.holdout_total = float(holdout_fraction), int(holdout_total)
@@ -137,10 +151,11 @@ class DLC(Method):
 
     def prepare_model(self, model: nn.Module) -> DLCNet:
         stages = resolve_stages(model.features, self.model_name, self.stages)
-        return DLCNet(model.features, model.head, stages, self.num_tasks, self.rank, self.alpha)
+        return DLCNet(model.features, model.head, stages, self.num_tasks, self.rank, self.alpha, self.residual)
 
     def init_global(self, model: nn.Module) -> dict[str, np.ndarray]:
-        return {**super().init_global(model), TASK_MIX: np.zeros(self.num_tasks, np.float32)}
+        return {**super().init_global(model), TASK_MIX: np.zeros(self.num_tasks, np.float32),
+                TASK_TEMPERATURE: np.ones(self.num_tasks, np.float32)}
 
     def task_of(self, y: torch.Tensor) -> torch.Tensor:
         bounds = torch.tensor(self.starts[1:-1], device=y.device)
@@ -206,11 +221,13 @@ class DLC(Method):
                 raise ValueError(f"DLC has no phase {ctx.phase!r}")
             elif len(rows):
                 if step == "plugin":
-                    if self.rounds == "shared":  # the path's residual head starts the task at zero
+                    if self.rounds == "shared":  # the path's classifier starts the task as the base head
                         model.reset_path_head()
                     self.train_plugin(model, np.concatenate([rows, memory]), ctx)
                 else:
                     self.train_weighting(model, np.concatenate([rows, memory]), ctx)
+                    if self.path_head == "lda":
+                        model.path_statistics = self.path_statistics(model, np.concatenate([rows, memory]), ctx)
                 n = int(len(rows))
         return n
 
@@ -221,11 +238,12 @@ class DLC(Method):
         plugin = [p for layer in model.layers() for p in (
             *layer.lora_B[ctx.task].parameters(),
             *(layer.lora_A[ctx.task].parameters() if self.lora_aggregation != "ffa" else ()))]
-        head = list(model.dlc_head.parameters())
+        head = list(model.dlc_head.parameters()) if self.path_head == "sgd" else []
         for p in [*plugin, *head]:
             p.requires_grad_(True)
         opt = local_optimizer(plugin, ctx)
-        opt.add_param_group({"params": head, "lr": self.head_lr})
+        if head:
+            opt.add_param_group({"params": head, "lr": self.head_lr})
         if self.plugin_lr is not None:
             opt.param_groups[0]["lr"] = self.plugin_lr
         class_weight = balanced_weights(rows, ctx)
@@ -258,11 +276,27 @@ class DLC(Method):
             opt.step()
 
     @torch.no_grad()
+    def path_statistics(self, model: DLCNet, rows: np.ndarray, ctx: ClientRound) -> np.ndarray:
+        """Sufficient statistics of the plugin path's features z over ``rows``: per class the sum of z
+        and the count, and the sum of z z^T; (classes + D, D + 1), float64. They add up over clients,
+        so the server's classifier is the one the pooled rows would give, however non-IID they are."""
+        d = model.head.in_features
+        stats = np.zeros((model.head.out_features + d, d + 1))
+        for start in range(0, len(rows), 256):
+            batch = rows[start:start + 256]
+            x, y = ctx.images(batch), ctx.labels(batch).cpu().numpy()
+            z = model.path_features(model.representations(x)).double().cpu().numpy()
+            np.add.at(stats[:, :d], y, z)
+            np.add.at(stats[:, d], y, 1.0)
+            stats[-d:, :d] += z.T @ z
+        return stats
+
+    @torch.no_grad()
     def score_mixes(self, model: DLCNet, rows: np.ndarray, ctx: ClientRound, state: dict) -> int:
         """Per task, on the held-out rows, for every candidate mix: the summed negative log-likelihood
         of the mixed prediction and the correct predictions; and the rows. A (tasks, 2 mixes + 1)
         array kept for ``payload``."""
-        k = len(MIXES)
+        k = len(CANDIDATES)
         counts = np.zeros((self.num_tasks, 2 * k + 1), np.float32)
         seen = ctx.seen_classes
         for start in range(0, len(rows), 256):
@@ -271,9 +305,9 @@ class DLC(Method):
             task = self.task_of(y).cpu().numpy()
             h = model.shallow(x)
             base = torch.log_softmax(model.head(model.deep(h, None))[:, :seen], 1)
-            path = torch.log_softmax(model.plugin_path(model.representations(x, h=h))[:, :seen], 1)
-            for i, lam in enumerate(MIXES):
-                mixed = torch.log_softmax((1 - lam) * base + lam * path, 1)
+            path = model.plugin_path(model.representations(x, h=h))[:, :seen]
+            for i, (lam, tau) in enumerate(CANDIDATES):
+                mixed = torch.log_softmax((1 - lam) * base + lam * torch.log_softmax(path / tau, 1), 1)
                 nll = -mixed[torch.arange(len(y)), y]
                 np.add.at(counts[:, i], task, nll.float().cpu().numpy())
                 np.add.at(counts[:, k + i], task, (mixed.argmax(1) == y).float().cpu().numpy())
@@ -290,10 +324,13 @@ class DLC(Method):
                 up.update({k: v for k, v in state.items() if is_base(k) and v.dim()})
             elif step == "plugin":
                 sent = lambda k: ".lora_B." in k or self.lora_aggregation != "ffa"  # noqa: E731 (ffa: A stays)
-                up.update({k: v for k, v in state.items() if k.startswith("dlc_head.") or (
+                trained_head = self.path_head == "sgd"  # lda: the server builds the head
+                up.update({k: v for k, v in state.items() if (k.startswith("dlc_head.") and trained_head) or (
                     is_plugin(k) and plugin_task(k) == ctx.task and sent(k))})
             elif step == "weighting":
                 up.update({k: v for k, v in state.items() if k.startswith("weighting.")})
+                if self.path_head == "lda":
+                    up[STATS] = torch.from_numpy(model.path_statistics)
             else:
                 up[COUNTS] = torch.from_numpy(model.mix_counts)
         return up
@@ -305,7 +342,7 @@ class DLC(Method):
 
     def array_role(self, key: str) -> str:
         """The calibration's scores are statistics of held-out rows, not an update of anything."""
-        return RELEASE if key == COUNTS else UPDATE
+        return RELEASE if key in (COUNTS, STATS) else UPDATE
 
     # ---- server side ---------------------------------------------------------------------
     def phases(self, task: int, rounds: int) -> list[str]:
@@ -322,24 +359,27 @@ class DLC(Method):
         if phase == "train":
             return {k: v for k, v in global_arrays.items() if is_base(k)}
         return {k: v for k, v in global_arrays.items()
-                if k != TASK_MIX and not (is_plugin(k) and plugin_task(k) > task)}  # later plugins: clients' init
+                if k not in (TASK_MIX, TASK_TEMPERATURE)
+                and not (is_plugin(k) and plugin_task(k) > task)}  # later plugins: clients' init
 
     def aggregate(self, global_arrays, replies, task, phase, rule: AggregationRule = MEAN):
         g = dict(global_arrays)
         steps = phase.split("+")
         if steps[0] == "train":
             g.update(weighted_mean([({k: v for k, v in r.items() if is_base(k)}, n) for r, n in replies], rule))
-            if len(steps) == 1:  # a plain base round: the next plugin step starts its residual head at zero
-                g["dlc_head.weight"] = np.zeros_like(g["dlc_head.weight"])
-                g["dlc_head.bias"] = np.zeros_like(g["dlc_head.bias"])
+            if len(steps) == 1:  # a plain base round: the next plugin step starts from the base head
+                zero = lambda k: np.zeros_like(g[f"dlc_head.{k}"])  # noqa: E731
+                g["dlc_head.weight"], g["dlc_head.bias"] = (zero("weight"), zero("bias")) if self.residual else \
+                    (g["head.weight"], g["head.bias"])
                 return g
             replies = [({k: v for k, v in r.items() if not is_base(k)}, n) for r, n in replies]
         if "calibrate" in steps:  # counts add up over clients; ties go to the smaller mix (the base)
-            lam = best_mix(np.sum([r[COUNTS] for r, _ in replies], axis=0))
-            g["mix"] = np.array([lam], np.float32)
-            by_task = np.array(g[TASK_MIX], np.float32)
-            by_task[task] = lam
-            g[TASK_MIX] = by_task
+            lam, tau = best_mix(np.sum([r[COUNTS] for r, _ in replies], axis=0))
+            g["mix"], g["temperature"] = np.array([lam], np.float32), np.array([tau], np.float32)
+            for key, value in ((TASK_MIX, lam), (TASK_TEMPERATURE, tau)):
+                by_task = np.array(g[key], np.float32)
+                by_task[task] = value
+                g[key] = by_task
             return g
         weights = [n for _, n in replies]
         keys = list(replies[0][0])
@@ -351,8 +391,13 @@ class DLC(Method):
                                     r[b_key].reshape(b_shape[0], -1)) for r, _ in replies],
                                   weights, self.lora_aggregation, rule)
             g[a_key], g[b_key] = a.reshape(a_shape), b.reshape(b_shape)
-        rest = [k for k in keys if not is_plugin(k)]
+        rest = [k for k in keys if not is_plugin(k) and k != STATS]
         g.update(weighted_mean([({k: r[k] for k in rest}, n) for r, n in replies], rule))
+        if STATS in keys:  # statistics add up over clients; the path's classifier is their LDA
+            weight, bias = lda_classifier(np.sum([r[STATS] for r, _ in replies], axis=0), self.lda_shrinkage)
+            if self.residual:  # against the head of the base the statistics were computed on
+                weight, bias = weight - global_arrays["head.weight"], bias - global_arrays["head.bias"]
+            g["dlc_head.weight"], g["dlc_head.bias"] = weight.astype(np.float32), bias.astype(np.float32)
         return g
 
     @torch.no_grad()
@@ -404,6 +449,7 @@ class DLC(Method):
                 out[k].append(v * len(part))
         result = {k: sum(v) / len(rows) for k, v in out.items()}
         result["mix_by_task"] = [float(v) for v in global_arrays.get(TASK_MIX, [])]
+        result["temperature_by_task"] = [float(v) for v in global_arrays.get(TASK_TEMPERATURE, [])]
         result["plugin_relative_norm"] = [
             float(np.sqrt(sum(float(layer.delta_weight(t).norm() ** 2) for layer in model.layers())) /
                   np.sqrt(sum(float(layer.base.weight.norm() ** 2) for layer in model.layers())))
@@ -423,18 +469,40 @@ class DLC(Method):
                 "plugin_layers": list(model.plugin_layers)}
 
 
-def best_mix(counts: np.ndarray) -> float:
-    """The mix with the lowest held-out negative log-likelihood, averaged over tasks (the metric
-    weighs every task the same, while held-out rows of the current task outnumber each old task's).
-    Likelihood, as temperature scaling fits its one parameter (Guo et al., 2017): on a few hundred
-    rows accuracy moves by whole rows and picks at random among near ties. Ties go to the smaller
-    mix, towards the base. ``counts``: per task, summed NLL per mix, correct rows per mix, rows."""
+def best_mix(counts: np.ndarray) -> tuple[float, float]:
+    """The (mix, temperature) with the lowest held-out negative log-likelihood, averaged over tasks
+    (the metric weighs every task the same, while held-out rows of the current task outnumber each
+    old task's). Likelihood, as temperature scaling fits its one parameter (Guo et al., 2017): on a
+    few hundred rows accuracy moves by whole rows and picks at random among near ties; and the
+    temperature, because a path whose logits are too confident (an LDA head's Gaussian likelihoods)
+    would otherwise lose on likelihood what it wins on accuracy. Ties go to the earlier candidate:
+    the smaller mix (towards the base), then the lower temperature. ``counts``: per task, summed NLL
+    per candidate, correct rows per candidate, rows."""
     held = counts[:, -1] > 0
     if not held.any():
-        return 0.0
-    k = len(MIXES)
+        return 0.0, 1.0
+    k = len(CANDIDATES)
     loss = (counts[held, :k] / counts[held, -1:]).mean(axis=0)
-    return float(MIXES[int(np.flatnonzero(loss <= loss.min() + 1e-9)[0])])
+    return CANDIDATES[int(np.flatnonzero(loss <= loss.min() + 1e-9)[0])]
+
+
+def lda_classifier(stats: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+    """Linear discriminant analysis from summed ``path_statistics``: class means, the pooled
+    within-class covariance shrunk towards its mean variance (Sigma = (1 - s) S_w + s tr(S_w)/D I),
+    and equal class priors, so every class weighs the same however many rows it has (the base's
+    recency bias does not carry over): w_c = Sigma^-1 mu_c, b_c = -mu_c^T Sigma^-1 mu_c / 2. Classes
+    without rows get zero rows (they are never among the seen classes). As streaming LDA
+    (Hayes & Kanan, 2020) on a frozen feature extractor."""
+    d = stats.shape[1] - 1
+    sums, counts, gram = stats[:-d, :d], stats[:-d, d], stats[-d:, :d]
+    have = counts > 0
+    mu = sums[have] / counts[have, None]
+    within = (gram - sums[have].T @ mu) / max(float(counts.sum() - have.sum()), 1.0)
+    sigma = (1 - shrinkage) * within + shrinkage * np.trace(within) / d * np.eye(d)
+    p = np.linalg.solve(sigma + 1e-9 * np.eye(d), mu.T)          # (D, k)
+    weight, bias = np.zeros((len(counts), d)), np.zeros(len(counts))
+    weight[have], bias[have] = p.T, -0.5 * np.einsum("kd,dk->k", mu, p)
+    return weight, bias
 
 
 def balanced_weights(rows: np.ndarray, ctx: ClientRound) -> torch.Tensor:

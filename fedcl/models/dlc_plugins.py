@@ -9,12 +9,12 @@ name: ``<layer>.lora_A.<t>.weight``). ``active`` picks the plugin the next forwa
 ``DLCNet`` splits the backbone's top-level children into a shallow part, run once per input, and
 a deep part (from the first plugin stage on), run once per plugin: plugin t turns the shallow
 activation into task t's representation f_t. The weighting unit scores each f_t with its own
-linear scorer, takes a softmax over the plugins in use, and the base ``head`` plus a residual
-``dlc_head`` (zero at the start) classifies sum_t alpha_t f_t (the plugin path). A residual rather
-than a head of its own: the correction it learns on the base of one round still applies when the
-base's head has moved on with its features in the next. The base is the bare backbone and its own ``head``.
-The prediction mixes the two: (1 - mix) log p_base + mix log p_plugin_path, with ``mix`` (a buffer,
-0 at the start) chosen by the server on held-out rows: at 0 the model predicts what its base does.
+linear scorer, takes a softmax over the plugins in use, and ``dlc_head`` classifies sum_t alpha_t
+f_t (the plugin path); with ``residual`` the path's classifier is the base ``head`` plus
+``dlc_head`` (a correction that follows the base head as it moves on). The base is the bare
+backbone and its own ``head``. The prediction mixes the two: (1 - mix) log p_base + mix log
+p_plugin_path (the path's logits over ``temperature``), with ``mix`` (a buffer, 0 at the start)
+chosen by the server on held-out rows: at 0 the model predicts what its base does.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ class DLCNet(nn.Module):
     """Backbone (``features``) + base ``head`` + per-task plugins + weighting unit + ``dlc_head``."""
 
     def __init__(self, features: nn.Module, head: nn.Linear, stages: list[str], num_tasks: int,
-                 r: int, alpha: float):
+                 r: int, alpha: float, residual: bool = False):
         super().__init__()
         self.features, self.head = features, head
         children = [n for n, _ in features.named_children()]
@@ -111,9 +111,11 @@ class DLCNet(nn.Module):
         if not self.plugin_layers:
             raise ConfigError(f"method.stages={stages} hold no Conv2d/Linear layer to put plugins in.")
         self.weighting = WeightingUnit(num_tasks, head.in_features)
-        self.dlc_head = nn.Linear(head.in_features, head.out_features)  # the path's residual on ``head``
+        self.residual = residual
+        self.dlc_head = nn.Linear(head.in_features, head.out_features)
         self.reset_path_head()                            # the plugin path starts as the base's classifier
         self.register_buffer("mix", torch.zeros(1))       # weight of the plugin path in the prediction
+        self.register_buffer("temperature", torch.ones(1))  # of the plugin path's logits in the prediction
         self.num_tasks = num_tasks
         self.tasks_in_use = 1            # plugins 0 .. tasks_in_use-1 are combined
         self.mode = "plain"              # "plain": the base (backbone + head) | "dlc": the plugin path
@@ -133,12 +135,16 @@ class DLCNet(nn.Module):
 
     @torch.no_grad()
     def reset_path_head(self) -> None:
-        self.dlc_head.weight.zero_()
-        self.dlc_head.bias.zero_()
+        """The path's classifier back to the base head's (``dlc_head`` a copy of it, or a zero residual)."""
+        if self.residual:
+            self.dlc_head.weight.zero_()
+            self.dlc_head.bias.zero_()
+        else:
+            self.dlc_head.load_state_dict(self.head.state_dict())
 
     def path_head(self, z: torch.Tensor) -> torch.Tensor:
-        """The plugin path's classifier: the base head plus the residual ``dlc_head``."""
-        return self.head(z) + self.dlc_head(z)
+        """The plugin path's classifier: ``dlc_head``, plus the base head when it is a residual."""
+        return self.head(z) + self.dlc_head(z) if self.residual else self.dlc_head(z)
 
     # ---- forward ------------------------------------------------------------------------
     def _run(self, x: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
@@ -162,11 +168,16 @@ class DLCNet(nn.Module):
         h = self.shallow(x) if h is None else h
         return torch.stack([self.deep(h, t) for t in range(self.tasks_in_use if tasks is None else tasks)])
 
-    def plugin_path(self, reps: torch.Tensor) -> torch.Tensor:
-        """Logits of the plugin path from the plugins' representations (T, N, D)."""
+    def path_features(self, reps: torch.Tensor) -> torch.Tensor:
+        """What the plugin path classifies: the plugins' representations (T, N, D) weighted by the
+        weighting unit."""
         weights = torch.softmax(self.weighting(reps), dim=1)        # (N, T)
         self.last_weights = weights
-        return self.path_head(torch.einsum("nt,tnd->nd", weights, reps))
+        return torch.einsum("nt,tnd->nd", weights, reps)
+
+    def plugin_path(self, reps: torch.Tensor) -> torch.Tensor:
+        """Logits of the plugin path from the plugins' representations (T, N, D)."""
+        return self.path_head(self.path_features(reps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the current ``mode``: the base's, or the plugin path's."""
@@ -176,12 +187,14 @@ class DLCNet(nn.Module):
         return self.plugin_path(self.representations(x))
 
     def mixed_log_probs(self, x: torch.Tensor, seen: int) -> torch.Tensor:
-        """What DLC predicts from: (1 - mix) log p_base + mix log p_plugin_path over the seen classes;
-        exactly the base's log-probabilities while ``mix`` is 0 (the plugin path is not even run)."""
+        """What DLC predicts from: (1 - mix) log p_base + mix log p_plugin_path over the seen classes,
+        the path's logits divided by ``temperature``; exactly the base's log-probabilities while
+        ``mix`` is 0 (the plugin path is not even run)."""
         h = self.shallow(x)
         base = torch.log_softmax(self.head(self.deep(h, None))[:, :seen], 1)
         lam = float(self.mix)
         if lam == 0.0:
             return base
-        path = torch.log_softmax(self.plugin_path(self.representations(x, h=h))[:, :seen], 1)
+        path = self.plugin_path(self.representations(x, h=h))[:, :seen] / float(self.temperature)
+        path = torch.log_softmax(path, 1)
         return (1 - lam) * base + lam * path
