@@ -278,8 +278,9 @@ class DLC(Method):
     @torch.no_grad()
     def path_statistics(self, model: DLCNet, rows: np.ndarray, ctx: ClientRound) -> np.ndarray:
         """Sufficient statistics of the plugin path's features z over ``rows``: per class the sum of z
-        and the count, and the sum of z z^T; (classes + D, D + 1), float64. They add up over clients,
-        so the server's classifier is the one the pooled rows would give, however non-IID they are."""
+        and the count, and the sum of z z^T; (classes + D, D + 1), summed in float64 (sent in float32).
+        They add up over clients, so the server's classifier is the one the pooled rows would give,
+        however non-IID they are."""
         d = model.head.in_features
         stats = np.zeros((model.head.out_features + d, d + 1))
         for start in range(0, len(rows), 256):
@@ -330,7 +331,7 @@ class DLC(Method):
             elif step == "weighting":
                 up.update({k: v for k, v in state.items() if k.startswith("weighting.")})
                 if self.path_head == "lda":
-                    up[STATS] = torch.from_numpy(model.path_statistics)
+                    up[STATS] = torch.from_numpy(model.path_statistics.astype(np.float32))  # half the bytes
             else:
                 up[COUNTS] = torch.from_numpy(model.mix_counts)
         return up
@@ -394,7 +395,8 @@ class DLC(Method):
         rest = [k for k in keys if not is_plugin(k) and k != STATS]
         g.update(weighted_mean([({k: r[k] for k in rest}, n) for r, n in replies], rule))
         if STATS in keys:  # statistics add up over clients; the path's classifier is their LDA
-            weight, bias = lda_classifier(np.sum([r[STATS] for r, _ in replies], axis=0), self.lda_shrinkage)
+            stats = np.sum([np.asarray(r[STATS], np.float64) for r, _ in replies], axis=0)
+            weight, bias = lda_classifier(stats, self.lda_shrinkage)
             if self.residual:  # against the head of the base the statistics were computed on
                 weight, bias = weight - global_arrays["head.weight"], bias - global_arrays["head.bias"]
             g["dlc_head.weight"], g["dlc_head.bias"] = weight.astype(np.float32), bias.astype(np.float32)
