@@ -146,7 +146,8 @@ def main() -> None:
                 "matched_final_average": runs["matched"]["final_average_accuracy"],
                 "dlc_final_average": runs["dlc"]["final_average_accuracy"], **{k: d[k] for k in (
                     "dlc", "plugin_path", "plugins_off", "oracle_plugin", "task_id")},
-                "mix_by_task": d["mix_by_task"], "plugin_relative_norm": d["plugin_relative_norm"],
+                "mix_by_task": d["mix_by_task"], "temperature_by_task": d.get("temperature_by_task"),
+                "plugin_relative_norm": d["plugin_relative_norm"],
                 "added_fraction": p["added_fraction"],
                 "uplink_mb": runs["dlc"]["communication"]["uplink_bytes"] / 1e6,
                 "matched_uplink_mb": runs["matched"]["communication"]["uplink_bytes"] / 1e6})
@@ -154,7 +155,8 @@ def main() -> None:
             print(f"{base} seed {seed}: base {100 * r['base']:.1f}  matched {100 * r['matched']:.1f}  "
                   f"DLC {100 * r['dlc']:.1f}  (plugin path {100 * r['plugin_path']:.1f}, plugins off "
                   f"{100 * r['plugins_off']:.1f}, oracle {100 * r['oracle_plugin']:.1f}, task id "
-                  f"{100 * r['task_id']:.1f}; mix {r['mix_by_task']})", flush=True)
+                  f"{100 * r['task_id']:.1f}; mix {r['mix_by_task']}, temperature {r['temperature_by_task']})",
+                  flush=True)
     table = markdown(rows)
     print("\n" + table)
     out.mkdir(parents=True, exist_ok=True)
