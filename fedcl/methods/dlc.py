@@ -5,37 +5,38 @@ as a plug-in that contains its base.
 Model (``fedcl.models.dlc_plugins``): the backbone and its ``head`` are the base method's model.
 Plugin t (a conv-LoRA pair per layer of the deep stage, ``method.stages``) turns an input's shallow
 activation into task t's representation f_t; the weighting unit scores every f_t, softmax over the
-seen tasks' plugins, and the base head plus a residual ``dlc_head`` classifies the weighted sum: the
-plugin path. DLC predicts
-from (1 - mix) log p_base + mix log p_path, with ``mix`` chosen by the server on held-out rows
-after each task; it starts at 0 (the base's prediction) and stays there while the plugin path does
-not help.
+seen tasks' plugins, and ``dlc_head`` classifies the weighted sum: the plugin path. DLC predicts
+from (1 - mix) log p_base + mix log p_path (the path's logits over a temperature), with ``mix`` and
+the temperature chosen by the server on held-out rows after each task; the mix starts at 0 (the
+base's prediction) and stays there while the plugin path does not help.
 
 Each task t, in communication rounds (``method.rounds``):
 
 1. ``train``: the base method's own rounds (``method.base``: ``replay`` or ``icarl``), on the bare
    backbone + head. The base is the same model ``method=<base>`` trains: DLC never moves it.
 2. plugin: the base is frozen (its BatchNorm statistics included: the whole base runs in eval
-   mode); plugin t and ``dlc_head`` train on task t's rows and the memory, class-balanced,
-   cross-entropy over all seen classes of ``head(f_t) + dlc_head(f_t)``. The residual ``dlc_head``
-   starts each task at zero, so the path starts as the base's own classifier; being a residual, the
-   correction it learns on the base of one round carries over to the base's head of the next.
-   Plugins are aggregated by ``strategy.lora_aggregation`` (``ffa``, the default here: A stays at
-   its shared seeded initial value and only B trains, so the mean of B A is exact; ``fedit`` would
-   shrink B A when clients disagree).
+   mode); plugin t trains on task t's rows and the memory, class-balanced, cross-entropy over all
+   seen classes of the path's classifier, which starts each task as the base head (a copy, or with
+   ``residual`` the base head plus a zero ``dlc_head``); with ``path_head=sgd`` that classifier
+   trains too, at ``head_lr``. Plugins are aggregated by ``strategy.lora_aggregation`` (``ffa``, the
+   default here: A stays at its shared seeded initial value and only B trains, so the mean of B A is
+   exact; ``fedit`` would shrink B A when clients disagree).
 3. weighting: with everything else frozen, the weighting unit learns to name each row's task from
    the plugins' representations, computed without gradient (so its loss never reaches a plugin), on
-   the client's memory plus task t's rows, each class weighted by 1 / its count there.
+   the client's memory plus task t's rows, each class weighted by 1 / its count there. With
+   ``path_head=lda`` (the default) the client then sums the path's features per class and their
+   Gram matrix over the same rows; the server adds these up over clients and sets ``dlc_head`` to
+   their linear discriminant analysis (``lda_classifier``: equal class priors, so the base's recency
+   bias does not carry over; the pooled rows' classifier, however non-IID the clients).
 4. calibrate: every client scores, on its held-out rows of each task, each candidate mix in
    ``CANDIDATES`` (a mix and the path's temperature: negative log-likelihood of the mixed
-   prediction, and hits); the server sums the scores
-   and keeps the mix with the lowest mean over tasks of held-out NLL (ties: the smallest, i.e. the
-   base).
+   prediction, and hits); the server sums the scores and keeps the pair with the lowest mean over
+   tasks of held-out NLL (ties: the smallest mix, i.e. towards the base).
 
 ``rounds=shared`` (the default): no round of its own. Steps 2-4 ride on the base's last two rounds
 of the task: in ``train+plugin+weighting`` a client first trains the base as its base method would
-(same data, same seeded order), then, from the base it received (frozen), the plugin, head and
-weighting unit; in ``train+calibrate`` it counts with the parts aggregated in the round before and
+(same data, same seeded order), then, from the base it received (frozen), the plugin and the
+weighting unit (and the statistics or the head); in ``train+calibrate`` it counts with the parts aggregated in the round before and
 trains the base. DLC then uses exactly the base's rounds: its round-matched base is the base.
 ``rounds=extra``: steps 2-4 in rounds of their own after the base's (``plugin_rounds``,
 ``weighting_rounds``, one calibration): 3 rounds per task more than the base.
