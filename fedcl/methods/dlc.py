@@ -37,7 +37,8 @@ Each task t, in communication rounds (``method.rounds``):
 of the task: in ``train+plugin+weighting`` a client first trains the base as its base method would
 (same data, same seeded order), then, from the base it received (frozen), the plugin and the
 weighting unit (and the statistics or the head); in ``train+calibrate`` it counts with the parts
-aggregated in the round before and trains the base. DLC then uses exactly the base's rounds: its round-matched base is the base.
+aggregated in the round before and trains the base. DLC then uses exactly the base's rounds: its
+round-matched base is the base.
 ``rounds=extra``: steps 2-4 in rounds of their own after the base's (``plugin_rounds``,
 ``weighting_rounds``, one calibration): 3 rounds per task more than the base.
 
