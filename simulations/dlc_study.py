@@ -43,7 +43,8 @@ SETTINGS = {
     # ResNet-18 (CIFAR stem) on Split Fashion-MNIST at 16 px, 300 per class (CPU-sized; at 100 per class and
     # 28 px the base stayed at chance on the first task)
     "fashion_resnet18": [*FASHION, "model=resnet18", "dataset.image_size=16", "dataset.train_per_class=300",
-                         "dataset.test_per_class=200", "local_epochs=2", "rounds_per_task=3", "method.memory_total=500"],
+                         "dataset.test_per_class=200", "local_epochs=2", "rounds_per_task=3",
+                         "method.memory_total=500"],
 }
 
 
