@@ -69,7 +69,7 @@ from fedcl.methods.base import (
 )
 from fedcl.methods.icarl import ICaRL
 from fedcl.methods.replay import Replay, reservoir
-from fedcl.models.dlc_plugins import DLCNet, resolve_stages
+from fedcl.models.dlc_plugins import DLCNet, mix_log_probs, resolve_stages
 
 BASES = ("replay", "icarl")
 ROUNDS = ("shared", "extra")
@@ -215,6 +215,7 @@ class DLC(Method):
         rows = np.setdiff1d(ctx.task_rows(ctx.task), current_holdout)
         memory = self.base.memory(ctx, state)
         memory = memory[~np.isin(memory, holdout)]
+        trained_on = np.concatenate([rows, memory])  # what the plugin, weighting unit and statistics see
         n = 0
         for step in steps:
             if step == "calibrate":
@@ -225,11 +226,11 @@ class DLC(Method):
                 if step == "plugin":
                     if self.rounds == "shared":  # the path's classifier starts the task as the base head
                         model.reset_path_head()
-                    self.train_plugin(model, np.concatenate([rows, memory]), ctx)
+                    self.train_plugin(model, trained_on, ctx)
                 else:
-                    self.train_weighting(model, np.concatenate([rows, memory]), ctx)
+                    self.train_weighting(model, trained_on, ctx)
                     if self.path_head == "lda":
-                        model.path_statistics = self.path_statistics(model, np.concatenate([rows, memory]), ctx)
+                        model.path_statistics = self.path_statistics(model, trained_on, ctx)
                 n = int(len(rows))
         return n
 
@@ -296,9 +297,9 @@ class DLC(Method):
 
     @torch.no_grad()
     def score_mixes(self, model: DLCNet, rows: np.ndarray, ctx: ClientRound, state: dict) -> int:
-        """Per task, on the held-out rows, for every candidate mix: the summed negative log-likelihood
-        of the mixed prediction and the correct predictions; and the rows. A (tasks, 2 mixes + 1)
-        array kept for ``payload``."""
+        """Per task, on the held-out rows, for every candidate (mix, temperature): the summed negative
+        log-likelihood of the mixed prediction and the correct predictions; and the rows. A
+        (tasks, 2 candidates + 1) array kept for ``payload``."""
         k = len(CANDIDATES)
         counts = np.zeros((self.num_tasks, 2 * k + 1), np.float32)
         seen = ctx.seen_classes
@@ -307,10 +308,10 @@ class DLC(Method):
             x, y = ctx.images(batch), ctx.labels(batch)
             task = self.task_of(y).cpu().numpy()
             h = model.shallow(x)
-            base = torch.log_softmax(model.head(model.deep(h, None))[:, :seen], 1)
+            base = model.base_log_probs(h, seen)
             path = model.plugin_path(model.representations(x, h=h))[:, :seen]
             for i, (lam, tau) in enumerate(CANDIDATES):
-                mixed = torch.log_softmax((1 - lam) * base + lam * torch.log_softmax(path / tau, 1), 1)
+                mixed = torch.log_softmax(mix_log_probs(base, path, lam, tau), 1)
                 nll = -mixed[torch.arange(len(y)), y]
                 np.add.at(counts[:, i], task, nll.float().cpu().numpy())
                 np.add.at(counts[:, k + i], task, (mixed.argmax(1) == y).float().cpu().numpy())
@@ -344,7 +345,8 @@ class DLC(Method):
         return phase != "calibrate"
 
     def array_role(self, key: str) -> str:
-        """The calibration's scores are statistics of held-out rows, not an update of anything."""
+        """The calibration's scores and the path's feature statistics are statistics of the client's
+        rows, not an update of anything."""
         return RELEASE if key in (COUNTS, STATS) else UPDATE
 
     # ---- server side ---------------------------------------------------------------------

@@ -186,15 +186,23 @@ class DLCNet(nn.Module):
             return self.head(self.features(x))
         return self.plugin_path(self.representations(x))
 
+    def base_log_probs(self, h: torch.Tensor, seen: int) -> torch.Tensor:
+        """The base's log-probabilities over the seen classes from shallow activation ``h``."""
+        return torch.log_softmax(self.head(self.deep(h, None))[:, :seen], 1)
+
     def mixed_log_probs(self, x: torch.Tensor, seen: int) -> torch.Tensor:
-        """What DLC predicts from: (1 - mix) log p_base + mix log p_plugin_path over the seen classes,
-        the path's logits divided by ``temperature``; exactly the base's log-probabilities while
-        ``mix`` is 0 (the plugin path is not even run)."""
+        """What DLC predicts from (``mix_log_probs`` at the model's ``mix`` and ``temperature``);
+        exactly the base's log-probabilities while ``mix`` is 0 (the plugin path is not even run)."""
         h = self.shallow(x)
-        base = torch.log_softmax(self.head(self.deep(h, None))[:, :seen], 1)
+        base = self.base_log_probs(h, seen)
         lam = float(self.mix)
         if lam == 0.0:
             return base
-        path = self.plugin_path(self.representations(x, h=h))[:, :seen] / float(self.temperature)
-        path = torch.log_softmax(path, 1)
-        return (1 - lam) * base + lam * path
+        path = self.plugin_path(self.representations(x, h=h))[:, :seen]
+        return mix_log_probs(base, path, lam, float(self.temperature))
+
+
+def mix_log_probs(base: torch.Tensor, path_logits: torch.Tensor, mix: float, temperature: float) -> torch.Tensor:
+    """(1 - mix) log p_base + mix log softmax(path_logits / temperature) over the seen classes
+    (not renormalised: the argmax is DLC's prediction)."""
+    return (1 - mix) * base + mix * torch.log_softmax(path_logits / temperature, 1)
